@@ -1,0 +1,1 @@
+//! sheepdog: an OpenAI-compatible LLM API gateway.
