@@ -1,1 +1,3 @@
 //! sheepdog: an OpenAI-compatible LLM API gateway.
+
+pub mod breaker;
