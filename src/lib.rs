@@ -1,3 +1,4 @@
 //! sheepdog: an OpenAI-compatible LLM API gateway.
 
 pub mod breaker;
+pub mod retry;
