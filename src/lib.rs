@@ -1,4 +1,5 @@
 //! sheepdog: an OpenAI-compatible LLM API gateway.
 
 pub mod breaker;
+pub mod history;
 pub mod retry;
