@@ -1,1 +1,5 @@
-fn main() {}
+//! The `sheepdog` binary: see `sheepdog --help`.
+
+fn main() -> std::process::ExitCode {
+    sheepdog::cli::main()
+}

@@ -1,0 +1,203 @@
+//! The command line: `serve` (default), `check`, `config check`, `mock`. Parses arguments, sets up logging and
+//! the runtime, and hands over to the module that owns each command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::gateway::Gateway;
+
+/// sheepdog: one OpenAI-compatible endpoint in front of many LLM upstreams, with health checks, circuit
+/// breakers, load balancing and failover.
+#[derive(Parser, Debug)]
+#[command(name = "sheepdog", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (the default). Without --config and ./sheepdog.toml: the embedded demo.
+    Serve(ServeArgs),
+    /// One round of probes against every endpoint and model; exit 0 all healthy, 1 not, 2 config error.
+    Check(CheckArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// A simulated OpenAI-compatible upstream, for demos, tests and benchmarks.
+    Mock(crate::mock::MockArgs),
+}
+
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// Config file (default: ./sheepdog.toml if it exists, else the embedded demo).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override `server.listen` (e.g. 127.0.0.1:0 for a free port).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Config file (default: ./sheepdog.toml if it exists, else the embedded demo).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Append one JSON line per result to this file.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a config file: exit 0 when valid, 2 with the key and line of the mistake.
+    Check {
+        /// Config file (default: ./sheepdog.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(a) => rt.block_on(serve(a)),
+        Command::Check(a) => rt.block_on(check(a)),
+        Command::Config(ConfigCommand::Check { config }) => config_check(config.as_deref()),
+        Command::Mock(a) => match rt.block_on(crate::mock::run(a)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn config_check(path: Option<&Path>) -> ExitCode {
+    let Some(path) = config::locate(path) else {
+        eprintln!("error: no config file: pass --config FILE or create ./sheepdog.toml");
+        return ExitCode::from(2);
+    };
+    match config::load_file(&path) {
+        Ok(c) => {
+            println!("{}: OK ({} endpoints, {} models)", path.display(), c.endpoints.len(), c.models.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The config to run with: the file, or the embedded demo with its mocks started in-process.
+async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>, Option<crate::demo::Demo>), ExitCode> {
+    match config::locate(path) {
+        Some(p) => match config::load_file(&p) {
+            Ok(c) => Ok((c, Some(p), None)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Err(ExitCode::from(2))
+            }
+        },
+        None => match crate::demo::Demo::start().await {
+            Ok(d) => Ok((d.config.clone(), None, Some(d))),
+            Err(e) => {
+                eprintln!("error: cannot start the embedded demo: {e}");
+                Err(ExitCode::from(1))
+            }
+        },
+    }
+}
+
+async fn serve(a: ServeArgs) -> ExitCode {
+    let (mut config, path, demo) = match load(a.config.as_deref()).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if let Some(l) = a.listen {
+        config.server.listen = l;
+    }
+    let listen = config.server.listen.clone();
+    let (listener, addr) = match crate::server::bind(&listen).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let gw = Gateway::new(config, path.clone());
+    let shutdown = crate::server::signals(gw.clone());
+    tokio::spawn(crate::health::run(gw.clone(), shutdown.clone()));
+    if let Some(d) = &demo {
+        d.misbehave(shutdown.clone());
+    }
+    let base = format!("http://{addr}");
+    let what = match &path {
+        Some(p) => format!("config {}", p.display()),
+        None => "the embedded demo (3 simulated upstreams; `secondary` misbehaves now and then)".to_string(),
+    };
+    println!("sheepdog listening on {base} with {what}");
+    println!("  API        {base}/v1  (POST /v1/chat/completions, /v1/embeddings, GET /v1/models)");
+    println!("  status     {base}/status");
+    println!("  metrics    {base}/metrics");
+    println!("  dashboard  {base}/dashboard");
+    if demo.is_some() {
+        println!(
+            "  try        curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"gpt-4.1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+        );
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    crate::server::serve(gw.clone(), listener, shutdown).await;
+    drop(demo);
+    ExitCode::SUCCESS
+}
+
+async fn check(a: CheckArgs) -> ExitCode {
+    let (config, _, demo) = match load(a.config.as_deref()).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let results = crate::check::run(config).await;
+    drop(demo);
+    crate::check::report(&results, a.json, a.log.as_deref())
+}
+
+/// Start a gateway for tests and embedding: serve `config` on its listen address with the prober running.
+/// Returns the bound address and a sender that stops it.
+pub async fn start(config: Config, path: Option<PathBuf>) -> std::io::Result<(std::net::SocketAddr, Arc<Gateway>, tokio::sync::watch::Sender<bool>)> {
+    let (listener, addr) = crate::server::bind(&config.server.listen).await?;
+    let gw = Gateway::new(config, path);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::health::run(gw.clone(), rx.clone()));
+    tokio::spawn(crate::server::serve(gw.clone(), listener, rx));
+    Ok((addr, gw, tx))
+}
