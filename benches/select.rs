@@ -40,11 +40,7 @@ fn candidates(n: usize) -> Vec<Candidate> {
             weight: 1 + (i as u32 % 5),
             priority: (i % 3) as i32,
             latency_ewma_ms: 20.0 + (i * 37 % 200) as f64,
-            tier: if i % 10 == 9 {
-                Tier::Degraded
-            } else {
-                Tier::Healthy
-            },
+            tier: if i % 10 == 9 { Tier::Degraded } else { Tier::Healthy },
             slow_start: if i % 7 == 0 { 0.5 } else { 1.0 },
         })
         .collect()
@@ -66,10 +62,7 @@ fn assert_no_allocation() {
                 black_box(b.pick(black_box(&cands), allowed, &mut rng));
             }
             let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
-            assert_eq!(
-                allocs, 0,
-                "{s} with {n} candidates allocated {allocs} times"
-            );
+            assert_eq!(allocs, 0, "{s} with {n} candidates allocated {allocs} times");
         }
     }
     eprintln!("select: 10,000 picks per strategy and size allocated nothing");

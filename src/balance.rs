@@ -49,12 +49,8 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy, in declaration order.
-    pub const ALL: [Strategy; 4] = [
-        Strategy::WeightedRoundRobin,
-        Strategy::WeightedRandom,
-        Strategy::LeastLatency,
-        Strategy::Priority,
-    ];
+    pub const ALL: [Strategy; 4] =
+        [Strategy::WeightedRoundRobin, Strategy::WeightedRandom, Strategy::LeastLatency, Strategy::Priority];
 
     /// The configuration name: `weighted_round_robin`, `weighted_random`,
     /// `least_latency` or `priority`.
@@ -76,19 +72,14 @@ impl std::fmt::Display for Strategy {
 
 /// A strategy name that is not one of the four.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown strategy {0:?}: expected weighted_round_robin, weighted_random, least_latency or priority"
-)]
+#[error("unknown strategy {0:?}: expected weighted_round_robin, weighted_random, least_latency or priority")]
 pub struct UnknownStrategy(pub String);
 
 impl FromStr for Strategy {
     type Err = UnknownStrategy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Strategy::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownStrategy(s.to_owned()))
+        Strategy::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownStrategy(s.to_owned()))
     }
 }
 
@@ -124,23 +115,14 @@ pub struct Candidate {
 impl Default for Candidate {
     /// Weight 1, priority 0, unknown latency, healthy, fully ramped.
     fn default() -> Self {
-        Candidate {
-            weight: 1,
-            priority: 0,
-            latency_ewma_ms: f64::NAN,
-            tier: Tier::Healthy,
-            slow_start: 1.0,
-        }
+        Candidate { weight: 1, priority: 0, latency_ewma_ms: f64::NAN, tier: Tier::Healthy, slow_start: 1.0 }
     }
 }
 
 impl Candidate {
     /// A healthy, fully ramped candidate of the given weight.
     pub fn new(weight: u32) -> Self {
-        Candidate {
-            weight,
-            ..Candidate::default()
-        }
+        Candidate { weight, ..Candidate::default() }
     }
 
     fn ramp(&self) -> f64 {
@@ -194,12 +176,7 @@ impl<'a, F: Fn(usize) -> bool> Eligible<'a, F> {
             }
             best = c.tier;
         }
-        (best < Tier::Unavailable).then_some(Eligible {
-            cands,
-            allowed,
-            tier: best,
-            mask,
-        })
+        (best < Tier::Unavailable).then_some(Eligible { cands, allowed, tier: best, mask })
     }
 
     fn contains(&self, i: usize) -> bool {
@@ -232,10 +209,7 @@ pub struct Balancer {
 impl Balancer {
     /// A balancer for `n` endpoints (it grows, allocating once, if given more).
     pub fn new(strategy: Strategy, n: usize) -> Self {
-        Balancer {
-            strategy,
-            current: Mutex::new(vec![0; n]),
-        }
+        Balancer { strategy, current: Mutex::new(vec![0; n]) }
     }
 
     /// The strategy this balancer applies.
@@ -303,10 +277,7 @@ where
     F: Fn(usize) -> bool,
     R: rand::Rng + ?Sized,
 {
-    let total: u64 = set
-        .indices()
-        .map(|i| set.cands[i].effective_weight())
-        .fold(0u64, u64::saturating_add);
+    let total: u64 = set.indices().map(|i| set.cands[i].effective_weight()).fold(0u64, u64::saturating_add);
     if total == 0 {
         return None;
     }
@@ -403,11 +374,7 @@ impl Ewma {
 
     /// Like [`Ewma::new`] with an explicit floor on the smoothing factor (clamped to 0..=1).
     pub fn with_min_alpha(decay_ms: u64, min_alpha: f64) -> Self {
-        let min_alpha = if min_alpha.is_nan() {
-            0.0
-        } else {
-            min_alpha.clamp(0.0, 1.0)
-        };
+        let min_alpha = if min_alpha.is_nan() { 0.0 } else { min_alpha.clamp(0.0, 1.0) };
         Ewma {
             value: AtomicU64::new(f64::NAN.to_bits()),
             last_ms: AtomicU64::new(0),
@@ -423,25 +390,13 @@ impl Ewma {
         }
         let prev_ms = self.last_ms.fetch_max(now_ms, Ordering::AcqRel);
         let elapsed = now_ms.saturating_sub(prev_ms) as f64;
-        let alpha = if self.decay_ms <= 0.0 {
-            1.0
-        } else {
-            (1.0 - (-elapsed / self.decay_ms).exp()).max(self.min_alpha)
-        };
+        let alpha =
+            if self.decay_ms <= 0.0 { 1.0 } else { (1.0 - (-elapsed / self.decay_ms).exp()).max(self.min_alpha) };
         let mut old = self.value.load(Ordering::Acquire);
         loop {
             let avg = f64::from_bits(old);
-            let new = if avg.is_nan() {
-                sample
-            } else {
-                avg + alpha * (sample - avg)
-            };
-            match self.value.compare_exchange_weak(
-                old,
-                new.to_bits(),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            let new = if avg.is_nan() { sample } else { avg + alpha * (sample - avg) };
+            match self.value.compare_exchange_weak(old, new.to_bits(), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(seen) => old = seen,
             }
@@ -501,10 +456,7 @@ mod tests {
         let total: usize = counts.iter().sum();
         for (i, (&c, &w)) in counts.iter().zip(want).enumerate() {
             let share = c as f64 / total as f64;
-            assert!(
-                (share - w).abs() <= tol,
-                "endpoint {i}: share {share:.4}, want {w:.4} (counts {counts:?})"
-            );
+            assert!((share - w).abs() <= tol, "endpoint {i}: share {share:.4}, want {w:.4} (counts {counts:?})");
         }
     }
 
@@ -529,26 +481,14 @@ mod tests {
     #[test]
     fn effective_weight_scales_and_never_drops_to_zero() {
         assert_eq!(Candidate::new(3).effective_weight(), 3_000);
-        let half = Candidate {
-            slow_start: 0.5,
-            ..Candidate::new(3)
-        };
+        let half = Candidate { slow_start: 0.5, ..Candidate::new(3) };
         assert_eq!(half.effective_weight(), 1_500);
-        let zero = Candidate {
-            slow_start: 0.0,
-            ..Candidate::new(3)
-        };
+        let zero = Candidate { slow_start: 0.0, ..Candidate::new(3) };
         assert_eq!(zero.effective_weight(), 1);
         assert_eq!(Candidate::new(0).effective_weight(), 1);
-        let nan = Candidate {
-            slow_start: f64::NAN,
-            ..Candidate::new(2)
-        };
+        let nan = Candidate { slow_start: f64::NAN, ..Candidate::new(2) };
         assert_eq!(nan.effective_weight(), 2_000);
-        assert_eq!(
-            Candidate::new(u32::MAX).effective_weight(),
-            u64::from(u32::MAX) * 1_000
-        );
+        assert_eq!(Candidate::new(u32::MAX).effective_weight(), u64::from(u32::MAX) * 1_000);
     }
 
     #[test]
@@ -606,10 +546,7 @@ mod tests {
     #[test]
     fn empty_and_unavailable_give_none() {
         let mut r = rng();
-        let c = [Candidate {
-            tier: Tier::Unavailable,
-            ..Candidate::new(1)
-        }];
+        let c = [Candidate { tier: Tier::Unavailable, ..Candidate::new(1) }];
         for s in Strategy::ALL {
             let b = Balancer::new(s, 1);
             assert_eq!(b.pick(&[], all, &mut r), None, "{s}");
@@ -621,42 +558,18 @@ mod tests {
     fn tier_fallback_healthy_then_degraded_then_half_open() {
         let mut r = rng();
         let c = [
-            Candidate {
-                tier: Tier::HalfOpen,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                tier: Tier::Degraded,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                tier: Tier::Healthy,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                tier: Tier::Unavailable,
-                ..Candidate::new(100)
-            },
+            Candidate { tier: Tier::HalfOpen, ..Candidate::new(1) },
+            Candidate { tier: Tier::Degraded, ..Candidate::new(1) },
+            Candidate { tier: Tier::Healthy, ..Candidate::new(1) },
+            Candidate { tier: Tier::Unavailable, ..Candidate::new(100) },
         ];
         for s in Strategy::ALL {
             let b = Balancer::new(s, 4);
             for _ in 0..50 {
                 assert_eq!(b.pick(&c, all, &mut r), Some(2), "{s}: healthy first");
-                assert_eq!(
-                    b.pick(&c, |i| i != 2, &mut r),
-                    Some(1),
-                    "{s}: then degraded"
-                );
-                assert_eq!(
-                    b.pick(&c, |i| i == 0 || i == 3, &mut r),
-                    Some(0),
-                    "{s}: then half-open"
-                );
-                assert_eq!(
-                    b.pick(&c, |i| i == 3, &mut r),
-                    None,
-                    "{s}: never unavailable"
-                );
+                assert_eq!(b.pick(&c, |i| i != 2, &mut r), Some(1), "{s}: then degraded");
+                assert_eq!(b.pick(&c, |i| i == 0 || i == 3, &mut r), Some(0), "{s}: then half-open");
+                assert_eq!(b.pick(&c, |i| i == 3, &mut r), None, "{s}: never unavailable");
             }
         }
     }
@@ -679,14 +592,8 @@ mod tests {
     fn p2c_with_two_always_takes_the_faster() {
         let b = Balancer::new(Strategy::LeastLatency, 2);
         let c = [
-            Candidate {
-                latency_ewma_ms: 100.0,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                latency_ewma_ms: 10.0,
-                ..Candidate::new(1)
-            },
+            Candidate { latency_ewma_ms: 100.0, ..Candidate::new(1) },
+            Candidate { latency_ewma_ms: 10.0, ..Candidate::new(1) },
         ];
         let n = counts(&b, &c, 10_000, &mut rng());
         assert_eq!(n, [0, 10_000]);
@@ -696,13 +603,7 @@ mod tests {
     fn p2c_with_three_favours_the_fastest() {
         let b = Balancer::new(Strategy::LeastLatency, 3);
         let lat = [50.0, 10.0, 200.0];
-        let c: Vec<Candidate> = lat
-            .iter()
-            .map(|&l| Candidate {
-                latency_ewma_ms: l,
-                ..Candidate::new(1)
-            })
-            .collect();
+        let c: Vec<Candidate> = lat.iter().map(|&l| Candidate { latency_ewma_ms: l, ..Candidate::new(1) }).collect();
         let n = counts(&b, &c, 9_000, &mut rng());
         // The fastest wins both pairs it is in (2/3), the middle one its pair with the slowest (1/3).
         assert_shares(&n, &[1.0 / 3.0, 2.0 / 3.0, 0.0], 0.02);
@@ -714,14 +615,8 @@ mod tests {
         let mut r = rng();
         let b = Balancer::new(Strategy::LeastLatency, 2);
         let c = [
-            Candidate {
-                latency_ewma_ms: 1.0,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                latency_ewma_ms: -1.0,
-                ..Candidate::new(1)
-            },
+            Candidate { latency_ewma_ms: 1.0, ..Candidate::new(1) },
+            Candidate { latency_ewma_ms: -1.0, ..Candidate::new(1) },
         ];
         for _ in 0..100 {
             assert_eq!(b.pick(&c, all, &mut r), Some(1));
@@ -734,21 +629,10 @@ mod tests {
         let mut r = rng();
         let b = Balancer::new(Strategy::LeastLatency, 2);
         let c = [
-            Candidate {
-                latency_ewma_ms: 10.0,
-                slow_start: 0.1,
-                ..Candidate::new(1)
-            },
-            Candidate {
-                latency_ewma_ms: 50.0,
-                ..Candidate::new(1)
-            },
+            Candidate { latency_ewma_ms: 10.0, slow_start: 0.1, ..Candidate::new(1) },
+            Candidate { latency_ewma_ms: 50.0, ..Candidate::new(1) },
         ];
-        assert_eq!(
-            b.pick(&c, all, &mut r),
-            Some(1),
-            "10 ms at 10 % ramp costs 100 ms"
-        );
+        assert_eq!(b.pick(&c, all, &mut r), Some(1), "10 ms at 10 % ramp costs 100 ms");
     }
 
     #[test]
@@ -762,11 +646,7 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(b.pick(&c, all, &mut r), Some(0));
             assert_eq!(b.pick(&c, |i| i != 0, &mut r), Some(1), "primary vetoed");
-            assert_eq!(
-                b.pick(&c, |i| i == 2, &mut r),
-                Some(2),
-                "only emergency left"
-            );
+            assert_eq!(b.pick(&c, |i| i == 2, &mut r), Some(2), "only emergency left");
         }
         // Tiers outrank priority: a degraded primary loses to a healthy secondary.
         c[0].tier = Tier::Degraded;
@@ -815,10 +695,7 @@ mod tests {
             let n = counts(&b, &c, 10_000, &mut r);
             let share = n[1] as f64 / 10_000.0;
             let expect = want / (1.0 + want);
-            assert!(
-                (share - expect).abs() < 0.001,
-                "since {since}: {share} vs {expect}"
-            );
+            assert!((share - expect).abs() < 0.001, "since {since}: {share} vs {expect}");
         }
         // Weighted random follows the ramp too.
         let wr = Balancer::new(Strategy::WeightedRandom, 2);
@@ -938,10 +815,6 @@ mod tests {
                 *t += x;
             }
         }
-        assert_eq!(
-            total,
-            [1_200, 800, 400],
-            "one shared cycle, whatever the interleaving"
-        );
+        assert_eq!(total, [1_200, 800, 400], "one shared cycle, whatever the interleaving");
     }
 }

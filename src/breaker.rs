@@ -288,9 +288,7 @@ impl Breaker {
         match self.state {
             BreakerState::Closed => true,
             BreakerState::Open => now_ms >= self.retry_at_ms,
-            BreakerState::HalfOpen => {
-                self.trials_in_flight < cfg.max_trials() || self.trial_slots_lost(cfg, now_ms)
-            }
+            BreakerState::HalfOpen => self.trials_in_flight < cfg.max_trials() || self.trial_slots_lost(cfg, now_ms),
         }
     }
 
@@ -611,11 +609,7 @@ mod tests {
         assert_eq!(b.current_timeout_ms(), 2_000);
         assert_eq!(b.next_timeout_ms(&c), 2_000);
         b.admit(&c, 3_000);
-        assert_eq!(
-            b.next_timeout_ms(&c),
-            4_000,
-            "a failing trial would double it"
-        );
+        assert_eq!(b.next_timeout_ms(&c), 4_000, "a failing trial would double it");
         b.record_success(&c, 3_001);
         b.admit(&c, 3_002);
         assert_eq!(b.record_success(&c, 3_003), Some((HalfOpen, Closed)));
@@ -629,29 +623,18 @@ mod tests {
 
     #[test]
     fn timeout_math_saturates() {
-        let c = BreakerConfig {
-            recovery_timeout_ms: u64::MAX / 2,
-            max_recovery_timeout_ms: u64::MAX,
-            ..cfg()
-        };
+        let c = BreakerConfig { recovery_timeout_ms: u64::MAX / 2, max_recovery_timeout_ms: u64::MAX, ..cfg() };
         assert_eq!(c.timeout_for(0), u64::MAX / 2);
         assert_eq!(c.timeout_for(5), u64::MAX);
         assert_eq!(c.timeout_for(200), u64::MAX);
         // A cap below the base means the base.
-        let c = BreakerConfig {
-            max_recovery_timeout_ms: 10,
-            ..cfg()
-        };
+        let c = BreakerConfig { max_recovery_timeout_ms: 10, ..cfg() };
         assert_eq!(c.timeout_for(3), 1_000);
     }
 
     #[test]
     fn half_open_bounds_trials_in_flight() {
-        let c = BreakerConfig {
-            half_open_max_trials: 2,
-            success_threshold: 3,
-            ..cfg()
-        };
+        let c = BreakerConfig { half_open_max_trials: 2, success_threshold: 3, ..cfg() };
         let mut b = Breaker::new();
         for _ in 0..3 {
             b.record_failure(&c, 0);
@@ -749,17 +732,11 @@ mod tests {
 
     #[test]
     fn stale_trial_of_an_earlier_episode_holds_no_slot() {
-        let c = BreakerConfig {
-            half_open_max_trials: 2,
-            ..cfg()
-        };
+        let c = BreakerConfig { half_open_max_trials: 2, ..cfg() };
         let mut b = opened_at(0);
         assert_eq!(b.admit(&c, 1_000), Admission::Trial); // trial A
         assert_eq!(b.admit(&c, 1_000), Admission::Trial); // trial B
-        assert_eq!(
-            b.record_attempt(&c, false, 1_000, 1_005),
-            Some((HalfOpen, Open))
-        );
+        assert_eq!(b.record_attempt(&c, false, 1_000, 1_005), Some((HalfOpen, Open)));
         // Next episode starts at 3_005.
         assert_eq!(b.admit(&c, 3_005), Admission::Trial);
         // Trial B of the old episode finally ends: its result and release are stale.
@@ -779,10 +756,7 @@ mod tests {
         b.record_success(&c, 1_001);
         b.admit(&c, 1_002);
         b.admit(&c, 1_002); // rejected: one trial at a time
-        assert_eq!(
-            b.record_attempt(&c, true, 1_002, 1_003),
-            Some((HalfOpen, Closed))
-        );
+        assert_eq!(b.record_attempt(&c, true, 1_002, 1_003), Some((HalfOpen, Closed)));
         // A trial started during half-open (before the close) failing late.
         assert_eq!(b.record_attempt(&c, false, 1_001, 1_010), None);
         assert_eq!(b.consecutive_failures(), 0);

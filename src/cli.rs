@@ -193,7 +193,10 @@ async fn check(a: CheckArgs) -> ExitCode {
 
 /// Start a gateway for tests and embedding: serve `config` on its listen address with the prober running.
 /// Returns the bound address and a sender that stops it.
-pub async fn start(config: Config, path: Option<PathBuf>) -> std::io::Result<(std::net::SocketAddr, Arc<Gateway>, tokio::sync::watch::Sender<bool>)> {
+pub async fn start(
+    config: Config,
+    path: Option<PathBuf>,
+) -> std::io::Result<(std::net::SocketAddr, Arc<Gateway>, tokio::sync::watch::Sender<bool>)> {
     let (listener, addr) = crate::server::bind(&config.server.listen).await?;
     let gw = Gateway::new(config, path);
     let (tx, rx) = tokio::sync::watch::channel(false);

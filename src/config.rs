@@ -482,15 +482,18 @@ impl Validator<'_> {
         let b = &raw.breaker;
         let breaker = BreakerSettings {
             failure_threshold: self.int(&b.failure_threshold, "breaker.failure_threshold", 3, 1, 1000)? as u32,
-            recovery_timeout: self.duration(&b.recovery_timeout, "breaker.recovery_timeout", Duration::from_secs(30))?,
+            recovery_timeout: self.duration(
+                &b.recovery_timeout,
+                "breaker.recovery_timeout",
+                Duration::from_secs(30),
+            )?,
             max_recovery_timeout: self.duration(
                 &b.max_recovery_timeout,
                 "breaker.max_recovery_timeout",
                 Duration::from_secs(300),
             )?,
             success_threshold: self.int(&b.success_threshold, "breaker.success_threshold", 2, 1, 1000)? as u32,
-            half_open_max_trials: self.int(&b.half_open_max_trials, "breaker.half_open_max_trials", 1, 1, 1000)?
-                as u32,
+            half_open_max_trials: self.int(&b.half_open_max_trials, "breaker.half_open_max_trials", 1, 1, 1000)? as u32,
         };
 
         let r = &raw.retry;
@@ -508,7 +511,11 @@ impl Validator<'_> {
             let ep = self.endpoint(i, e)?;
             if !seen.insert(ep.name.clone()) {
                 let span = e.name.as_ref().map(|s| s.span());
-                return Err(self.err(span, format!("endpoints[{i}].name"), format!("duplicate endpoint name {:?}", ep.name)));
+                return Err(self.err(
+                    span,
+                    format!("endpoints[{i}].name"),
+                    format!("duplicate endpoint name {:?}", ep.name),
+                ));
             }
             endpoints.push(ep);
         }
@@ -519,7 +526,11 @@ impl Validator<'_> {
             let model = self.model(i, m)?;
             if !seen.insert(model.name.clone()) {
                 let span = m.name.as_ref().map(|s| s.span());
-                return Err(self.err(span, format!("models[{i}].name"), format!("duplicate model name {:?}", model.name)));
+                return Err(self.err(
+                    span,
+                    format!("models[{i}].name"),
+                    format!("duplicate model name {:?}", model.name),
+                ));
             }
             models.push(model);
         }
@@ -532,7 +543,9 @@ impl Validator<'_> {
                     return Err(self.err(
                         span,
                         format!("endpoints[{i}].models"),
-                        format!("model {public:?} has no [[models]] entry with input_usd_per_mtok and output_usd_per_mtok"),
+                        format!(
+                            "model {public:?} has no [[models]] entry with input_usd_per_mtok and output_usd_per_mtok"
+                        ),
                     ));
                 }
             }
@@ -540,7 +553,11 @@ impl Validator<'_> {
         for (i, (m, raw_m)) in models.iter().zip(&raw.models).enumerate() {
             if !endpoints.iter().any(|e| e.models.iter().any(|(p, _)| p == &m.name)) {
                 let span = raw_m.name.as_ref().map(|s| s.span());
-                return Err(self.err(span, format!("models[{i}]"), format!("model {:?} is served by no endpoint", m.name)));
+                return Err(self.err(
+                    span,
+                    format!("models[{i}]"),
+                    format!("model {:?} is served by no endpoint", m.name),
+                ));
             }
             for (j, f) in m.fallbacks.iter().enumerate() {
                 let span = raw_m.fallbacks.get(j).map(|s| s.span());
@@ -581,14 +598,24 @@ impl Validator<'_> {
                 }
                 u
             }
-            None => return Err(self.err(None, format!("endpoints[{i}]"), format!("endpoint {name:?}: missing key `base_url`"))),
+            None => {
+                return Err(self.err(
+                    None,
+                    format!("endpoints[{i}]"),
+                    format!("endpoint {name:?}: missing key `base_url`"),
+                ))
+            }
         };
         let mut api_keys = Vec::with_capacity(e.api_keys.len());
         for (j, s) in e.api_keys.iter().enumerate() {
             let v = self.string(s, &format!("endpoints[{i}].api_keys[{j}]"))?;
             let v = v.trim();
             if v.is_empty() {
-                return Err(self.err(Some(s.span()), format!("endpoints[{i}].api_keys[{j}]"), "is empty after trimming"));
+                return Err(self.err(
+                    Some(s.span()),
+                    format!("endpoints[{i}].api_keys[{j}]"),
+                    "is empty after trimming",
+                ));
             }
             api_keys.push(Secret(v.to_string()));
         }
@@ -603,7 +630,11 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (p, _) in &models {
             if !seen.insert(p) {
-                return Err(self.err(e.models.as_ref().map(|m| m.span()), k("models"), format!("model {p:?} listed twice")));
+                return Err(self.err(
+                    e.models.as_ref().map(|m| m.span()),
+                    k("models"),
+                    format!("model {p:?} listed twice"),
+                ));
             }
         }
         Ok(EndpointConfig {
@@ -614,7 +645,11 @@ impl Validator<'_> {
             priority: self.int(&e.priority, &k("priority"), 0, -1_000_000, 1_000_000)? as i32,
             max_latency_ms: self.int(&e.max_latency_ms, &k("max_latency_ms"), 2000, 1, 3_600_000)? as u64,
             connect_timeout: self.duration(&e.connect_timeout, &k("connect_timeout"), Duration::from_secs(2))?,
-            first_byte_timeout: self.duration(&e.first_byte_timeout, &k("first_byte_timeout"), Duration::from_secs(30))?,
+            first_byte_timeout: self.duration(
+                &e.first_byte_timeout,
+                &k("first_byte_timeout"),
+                Duration::from_secs(30),
+            )?,
             timeout: self.duration(&e.timeout, &k("timeout"), Duration::from_secs(120))?,
             models,
         })
@@ -622,7 +657,8 @@ impl Validator<'_> {
 
     /// `models = ["a", "b"]` or `models = { "public" = "upstream" }`.
     fn models(&self, m: &Spanned<toml::Value>, key: &str) -> Result<Vec<(String, String)>, ConfigError> {
-        let bad = || self.err(Some(m.span()), key, "must be a list of model names or a table public name -> upstream name");
+        let bad =
+            || self.err(Some(m.span()), key, "must be a list of model names or a table public name -> upstream name");
         let one = |v: &toml::Value| -> Result<String, ConfigError> {
             let s = v.as_str().ok_or_else(bad)?;
             interpolate(s, self.env).map_err(|msg| self.err(Some(m.span()), key, msg))
@@ -643,7 +679,9 @@ impl Validator<'_> {
         let name_span = m.name.as_ref().map(|s| s.span());
         let price = |v: &Option<Spanned<f64>>, key: &str| -> Result<f64, ConfigError> {
             match v {
-                None => Err(self.err(name_span.clone(), k(key), format!("model {name:?} has no pricing: missing `{key}`"))),
+                None => {
+                    Err(self.err(name_span.clone(), k(key), format!("model {name:?} has no pricing: missing `{key}`")))
+                }
                 Some(v) if *v.get_ref() < 0.0 || !v.get_ref().is_finite() => {
                     Err(self.err(Some(v.span()), k(key), "must be a non-negative number"))
                 }
@@ -673,9 +711,10 @@ impl Validator<'_> {
                 if v == "p95" {
                     Some(HedgeAfter::P95)
                 } else {
-                    Some(HedgeAfter::Fixed(parse_duration(&v).map_err(|e| {
-                        self.err(Some(s.span()), k("hedge_after"), format!("{e} (or \"p95\")"))
-                    })?))
+                    Some(HedgeAfter::Fixed(
+                        parse_duration(&v)
+                            .map_err(|e| self.err(Some(s.span()), k("hedge_after"), format!("{e} (or \"p95\")")))?,
+                    ))
                 }
             }
         };
@@ -726,7 +765,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(t).map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"5s\", \"2m\""))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"5s\", \"2m\""))
 }
 
 /// The embedded demo's config, for `upstream_base` = the base URLs of the three in-process mocks.
@@ -921,10 +961,14 @@ output_usd_per_mtok = 8.0
 
     #[test]
     fn duplicate_names() {
-        let dup = GOOD.replace("[[models]]", "[[endpoints]]\nname = \"primary\"\nbase_url = \"http://x/v1\"\nmodels = [\"gpt-4.1\"]\n\n[[models]]");
+        let dup = GOOD.replace(
+            "[[models]]",
+            "[[endpoints]]\nname = \"primary\"\nbase_url = \"http://x/v1\"\nmodels = [\"gpt-4.1\"]\n\n[[models]]",
+        );
         let e = parse_err(&dup);
         assert_eq!((e.line, e.key.as_str()), (Some(16), "endpoints[1].name"));
-        let dup = format!("{GOOD}\n[[models]]\nname = \"gpt-4.1\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n");
+        let dup =
+            format!("{GOOD}\n[[models]]\nname = \"gpt-4.1\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n");
         let e = parse_err(&dup);
         assert_eq!((e.line, e.key.as_str()), (Some(21), "models[1].name"));
     }
@@ -939,9 +983,11 @@ output_usd_per_mtok = 8.0
 
     #[test]
     fn unknown_strategy_and_fallback() {
-        let e = parse_err(&GOOD.replace("output_usd_per_mtok = 8.0", "output_usd_per_mtok = 8.0\nstrategy = \"fastest\""));
+        let e =
+            parse_err(&GOOD.replace("output_usd_per_mtok = 8.0", "output_usd_per_mtok = 8.0\nstrategy = \"fastest\""));
         assert_eq!((e.line, e.key.as_str()), (Some(19), "models[0].strategy"));
-        let e = parse_err(&GOOD.replace("output_usd_per_mtok = 8.0", "output_usd_per_mtok = 8.0\nfallbacks = [\"nope\"]"));
+        let e =
+            parse_err(&GOOD.replace("output_usd_per_mtok = 8.0", "output_usd_per_mtok = 8.0\nfallbacks = [\"nope\"]"));
         assert_eq!((e.line, e.key.as_str()), (Some(19), "models[0].fallbacks"));
     }
 

@@ -16,7 +16,8 @@ pub struct Demo {
     mocks: Vec<MockHandle>,
 }
 
-const MODELS: [&str; 5] = ["gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2", "text-embedding-3-small"];
+const MODELS: [&str; 5] =
+    ["gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2", "text-embedding-3-small"];
 
 impl Demo {
     /// Start the three mocks on free loopback ports.

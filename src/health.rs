@@ -46,7 +46,13 @@ pub enum Plan {
 }
 
 /// Decide whether a due pair is probed (pure).
-pub fn probe_plan(last_live_ok_ms: u64, breaker: BreakerState, retry_at_ms: Option<u64>, now_ms: u64, interval_ms: u64) -> Plan {
+pub fn probe_plan(
+    last_live_ok_ms: u64,
+    breaker: BreakerState,
+    retry_at_ms: Option<u64>,
+    now_ms: u64,
+    interval_ms: u64,
+) -> Plan {
     match breaker {
         BreakerState::Open => match retry_at_ms {
             Some(t) if t > now_ms => Plan::WaitBreaker(t),
@@ -259,7 +265,8 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
             let busy = now.saturating_sub(pair.last_traffic_ms.load(Ordering::Relaxed)) < idle
                 && pair.last_traffic_ms.load(Ordering::Relaxed) != 0;
             let every = next_interval(pair.status(), state, busy, interval, idle);
-            let plan = probe_plan(pair.last_live_ok_ms.load(Ordering::Relaxed), state, pair.breaker_retry_at(), now, every);
+            let plan =
+                probe_plan(pair.last_live_ok_ms.load(Ordering::Relaxed), state, pair.breaker_retry_at(), now, every);
             let next = match plan {
                 Plan::WaitBreaker(t) => t,
                 Plan::SkipLiveOk => now + jittered(every, &mut rng),
@@ -290,7 +297,14 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
                             Err(()) => {
                                 // No usable key: the key re-test decides; nothing to probe with.
                                 if trial {
-                                    pair.record(Outcome::Neutral, true, Source::Probe, &rt.breaker, &rt.policy, gw.now_ms());
+                                    pair.record(
+                                        Outcome::Neutral,
+                                        true,
+                                        Source::Probe,
+                                        &rt.breaker,
+                                        &rt.policy,
+                                        gw.now_ms(),
+                                    );
                                 }
                                 pair.refresh_status(&rt.policy, false);
                                 return;

@@ -59,10 +59,7 @@ impl History {
     /// An empty history keeping the last `cap` checks (a capacity of 0 keeps one).
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(1);
-        History {
-            cap,
-            checks: VecDeque::with_capacity(cap),
-        }
+        History { cap, checks: VecDeque::with_capacity(cap) }
     }
 
     /// How many checks it keeps at most.
@@ -120,11 +117,7 @@ impl History {
 
     /// Share of successful checks among the last `n` (all if fewer; `n` = 0 means all).
     pub fn success_rate_last(&self, n: usize) -> Option<f64> {
-        let n = if n == 0 {
-            self.len()
-        } else {
-            n.min(self.len())
-        };
+        let n = if n == 0 { self.len() } else { n.min(self.len()) };
         if n == 0 {
             return None;
         }
@@ -134,17 +127,12 @@ impl History {
 
     /// Latencies of successful checks; non-finite or negative ones are left out.
     fn ok_latencies(&self) -> impl Iterator<Item = f64> + '_ {
-        self.checks
-            .iter()
-            .filter(|c| c.ok && c.latency_ms.is_finite() && c.latency_ms >= 0.0)
-            .map(|c| c.latency_ms)
+        self.checks.iter().filter(|c| c.ok && c.latency_ms.is_finite() && c.latency_ms >= 0.0).map(|c| c.latency_ms)
     }
 
     /// Mean latency of successful checks; `None` when there is none.
     pub fn mean_latency_ms(&self) -> Option<f64> {
-        let (n, sum) = self
-            .ok_latencies()
-            .fold((0usize, 0.0f64), |(n, s), l| (n + 1, s + l));
+        let (n, sum) = self.ok_latencies().fold((0usize, 0.0f64), |(n, s), l| (n + 1, s + l));
         (n > 0).then(|| sum / n as f64)
     }
 
@@ -250,11 +238,7 @@ pub struct StatusPolicy {
 impl Default for StatusPolicy {
     /// 2000 ms, 0.9, 20 checks.
     fn default() -> Self {
-        StatusPolicy {
-            max_latency_ms: 2_000.0,
-            min_success_rate: 0.9,
-            window: 20,
-        }
+        StatusPolicy { max_latency_ms: 2_000.0, min_success_rate: 0.9, window: 20 }
     }
 }
 
@@ -270,12 +254,7 @@ impl Default for StatusPolicy {
 /// 6. **Degraded** when the success rate over the last `window` checks is below
 ///    `min_success_rate` (strictly);
 /// 7. else **Healthy**.
-pub fn status(
-    h: &History,
-    breaker: BreakerState,
-    has_usable_key: bool,
-    policy: &StatusPolicy,
-) -> Status {
+pub fn status(h: &History, breaker: BreakerState, has_usable_key: bool, policy: &StatusPolicy) -> Status {
     if breaker == BreakerState::Open || !has_usable_key {
         return Status::Unhealthy;
     }
@@ -285,12 +264,8 @@ pub fn status(
     if breaker == BreakerState::HalfOpen || !last.ok {
         return Status::Degraded;
     }
-    let slow = h
-        .last_success()
-        .is_some_and(|c| c.latency_ms > policy.max_latency_ms);
-    let flaky = h
-        .success_rate_last(policy.window)
-        .is_some_and(|r| r < policy.min_success_rate);
+    let slow = h.last_success().is_some_and(|c| c.latency_ms > policy.max_latency_ms);
+    let flaky = h.success_rate_last(policy.window).is_some_and(|r| r < policy.min_success_rate);
     if slow || flaky {
         Status::Degraded
     } else {
@@ -304,19 +279,11 @@ mod tests {
     use BreakerState::{Closed, HalfOpen, Open};
 
     fn ok(latency_ms: f64) -> Check {
-        Check {
-            ok: true,
-            latency_ms,
-            at_ms: 0,
-        }
+        Check { ok: true, latency_ms, at_ms: 0 }
     }
 
     fn fail() -> Check {
-        Check {
-            ok: false,
-            latency_ms: 3_000.0,
-            at_ms: 0,
-        }
+        Check { ok: false, latency_ms: 3_000.0, at_ms: 0 }
     }
 
     fn history(checks: &[Check]) -> History {
@@ -326,11 +293,7 @@ mod tests {
     }
 
     fn policy() -> StatusPolicy {
-        StatusPolicy {
-            max_latency_ms: 1_000.0,
-            min_success_rate: 0.9,
-            window: 10,
-        }
+        StatusPolicy { max_latency_ms: 1_000.0, min_success_rate: 0.9, window: 10 }
     }
 
     #[test]
@@ -339,11 +302,7 @@ mod tests {
         assert!(h.is_empty());
         assert_eq!(h.last(), None);
         for t in 0..5 {
-            h.push(Check {
-                ok: true,
-                latency_ms: t as f64,
-                at_ms: t,
-            });
+            h.push(Check { ok: true, latency_ms: t as f64, at_ms: t });
         }
         assert_eq!(h.len(), 3);
         assert_eq!(h.capacity(), 3);
@@ -419,13 +378,7 @@ mod tests {
         assert_eq!(Status::Unhealthy.as_str(), "unhealthy");
         assert_eq!(Status::Unknown.to_string(), "unknown");
         assert_eq!(
-            [
-                Status::Healthy,
-                Status::Degraded,
-                Status::Unhealthy,
-                Status::Unknown
-            ]
-            .map(Status::up),
+            [Status::Healthy, Status::Degraded, Status::Unhealthy, Status::Unknown].map(Status::up),
             [1, 1, 0, 0]
         );
     }
@@ -434,10 +387,7 @@ mod tests {
     fn status_unknown_when_never_checked() {
         let p = policy();
         assert_eq!(status(&History::new(10), Closed, true, &p), Status::Unknown);
-        assert_eq!(
-            status(&History::new(10), HalfOpen, true, &p),
-            Status::Unknown
-        );
+        assert_eq!(status(&History::new(10), HalfOpen, true, &p), Status::Unknown);
     }
 
     #[test]
@@ -447,10 +397,7 @@ mod tests {
         assert_eq!(status(&good, Open, true, &p), Status::Unhealthy);
         assert_eq!(status(&good, Closed, false, &p), Status::Unhealthy);
         assert_eq!(status(&History::new(10), Open, true, &p), Status::Unhealthy);
-        assert_eq!(
-            status(&History::new(10), Closed, false, &p),
-            Status::Unhealthy
-        );
+        assert_eq!(status(&History::new(10), Closed, false, &p), Status::Unhealthy);
     }
 
     #[test]
@@ -464,11 +411,7 @@ mod tests {
         let mut checks = [ok(10.0); 20];
         checks[19] = fail();
         let h = history(&checks);
-        assert_eq!(
-            h.success_rate_last(10),
-            Some(0.9),
-            "rate alone would be healthy"
-        );
+        assert_eq!(h.success_rate_last(10), Some(0.9), "rate alone would be healthy");
         assert_eq!(status(&h, Closed, true, &policy()), Status::Degraded);
     }
 
@@ -476,20 +419,13 @@ mod tests {
     fn status_degraded_when_latest_success_slow() {
         let p = policy();
         let h = history(&[ok(10.0), ok(1_000.0)]);
-        assert_eq!(
-            status(&h, Closed, true, &p),
-            Status::Healthy,
-            "at the limit"
-        );
+        assert_eq!(status(&h, Closed, true, &p), Status::Healthy, "at the limit");
         let h = history(&[ok(10.0), ok(1_000.5)]);
         assert_eq!(status(&h, Closed, true, &p), Status::Degraded);
         // Only the latest success counts, not older slow ones.
         let h = history(&[ok(5_000.0), ok(10.0)]);
         assert_eq!(status(&h, Closed, true, &p), Status::Healthy);
-        let off = StatusPolicy {
-            max_latency_ms: f64::NAN,
-            ..p
-        };
+        let off = StatusPolicy { max_latency_ms: f64::NAN, ..p };
         let h = history(&[ok(1e9)]);
         assert_eq!(status(&h, Closed, true, &off), Status::Healthy);
     }
@@ -501,10 +437,7 @@ mod tests {
         let mut checks = vec![ok(10.0); 30];
         checks[22] = fail();
         checks[25] = fail();
-        assert_eq!(
-            status(&history(&checks), Closed, true, &p),
-            Status::Degraded
-        );
+        assert_eq!(status(&history(&checks), Closed, true, &p), Status::Degraded);
         // The same failures outside the window no longer count.
         checks.extend([ok(10.0); 8]);
         assert_eq!(status(&history(&checks), Closed, true, &p), Status::Healthy);
@@ -518,10 +451,7 @@ mod tests {
         for i in [1, 5, 9, 13, 17] {
             checks[i] = fail();
         }
-        assert_eq!(
-            status(&history(&checks), Closed, true, &all),
-            Status::Degraded
-        );
+        assert_eq!(status(&history(&checks), Closed, true, &all), Status::Degraded);
         assert_eq!(status(&history(&checks), Closed, true, &p), Status::Healthy);
     }
 
@@ -529,9 +459,6 @@ mod tests {
     fn status_healthy() {
         let h = history(&[ok(100.0); 5]);
         assert_eq!(status(&h, Closed, true, &policy()), Status::Healthy);
-        assert_eq!(
-            status(&h, Closed, true, &StatusPolicy::default()),
-            Status::Healthy
-        );
+        assert_eq!(status(&h, Closed, true, &StatusPolicy::default()), Status::Healthy);
     }
 }

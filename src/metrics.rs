@@ -107,7 +107,8 @@ impl Metrics {
             &["endpoint", "model", "source"],
         ));
         must(registry.register(Box::new(cost.clone())));
-        let probes = counter("sheepdog_probes_total", "Active health probes by result.", &["endpoint", "model", "result"]);
+        let probes =
+            counter("sheepdog_probes_total", "Active health probes by result.", &["endpoint", "model", "result"]);
         let global_degraded = must(IntGauge::new(
             "sheepdog_global_degraded",
             "1 when more than half of all (endpoint, model) pairs cannot serve.",
@@ -235,7 +236,10 @@ mod tests {
         p.cost_probe.inc_by(0.5);
         m.failover("gpt-4.1");
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains(r#"sheepdog_requests_total{endpoint="primary",model="gpt-4.1",status="200"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"sheepdog_requests_total{endpoint="primary",model="gpt-4.1",status="200"} 2"#),
+            "{text}"
+        );
         assert!(text.contains(r#"sheepdog_requests_total{endpoint="primary",model="gpt-4.1",status="timeout"} 1"#));
         assert!(text.contains(r#"sheepdog_upstream_up{endpoint="primary",model="gpt-4.1"} 1"#));
         assert!(text.contains(r#"sheepdog_cost_usd_total{endpoint="primary",model="gpt-4.1",source="probe"} 0.5"#));

@@ -293,7 +293,12 @@ pub fn spawn(listener: TcpListener, opts: MockOptions) -> std::io::Result<MockHa
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
     let shared = Arc::new(Shared {
-        faults: Mutex::new(FaultState { mode: Mode::Ok, latency_ms: 1000, error_rate: opts.error_rate, retry_after_s: 1 }),
+        faults: Mutex::new(FaultState {
+            mode: Mode::Ok,
+            latency_ms: 1000,
+            error_rate: opts.error_rate,
+            retry_after_s: 1,
+        }),
         stats: Mutex::new(MockStats::default()),
         rng: Mutex::new(SmallRng::seed_from_u64(opts.seed)),
         opts,
@@ -394,7 +399,8 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockB
             return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", "simulated failure"))
         }
         Mode::Error429 => {
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded", "simulated rate limit");
+            let mut r =
+                error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded", "simulated rate limit");
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(faults.retry_after_s));
             return Ok(r);
         }
@@ -405,14 +411,19 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockB
         Mode::Reset => return Err(Dropped),
         Mode::BreakStream if !stream => return Err(Dropped),
         Mode::Ok if faults.error_rate > 0.0 && s.rng.lock().gen_bool(faults.error_rate) => {
-            return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", "simulated random failure"))
+            return Ok(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                "simulated random failure",
+            ))
         }
         _ => {}
     }
-    if !s.opts.require_keys.is_empty() && path.starts_with("/v1/") {
-        if !key.as_ref().is_some_and(|k| s.opts.require_keys.contains(k)) {
-            return Ok(error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "Incorrect API key provided"));
-        }
+    let key_ok = key.as_ref().is_some_and(|k| s.opts.require_keys.contains(k));
+    if !s.opts.require_keys.is_empty() && path.starts_with("/v1/") && !key_ok {
+        let msg = "Incorrect API key provided";
+        return Ok(error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", msg));
     }
     let get = method == Method::GET;
     match path.as_str() {
@@ -428,7 +439,12 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockB
         }
         "/v1/chat/completions" | "/v1/embeddings" if method == Method::POST => {}
         "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/embeddings" => {
-            return Ok(error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", "method not allowed"))
+            return Ok(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "method not allowed",
+            ))
         }
         _ => return Ok(error(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "unknown route")),
     }
@@ -455,9 +471,15 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<MockB
         return Ok(embeddings(&v, &model));
     }
     let Some(messages) = v["messages"].as_array() else {
-        return Ok(error(StatusCode::BAD_REQUEST, "invalid_request_error", "missing_messages", "`messages` is required"));
+        return Ok(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_messages",
+            "`messages` is required",
+        ));
     };
-    let max_tokens = v["max_completion_tokens"].as_u64().or(v["max_tokens"].as_u64()).map(|n| n.min(u32::MAX as u64) as u32);
+    let max_tokens =
+        v["max_completion_tokens"].as_u64().or(v["max_tokens"].as_u64()).map(|n| n.min(u32::MAX as u64) as u32);
     let pieces = answer_pieces(&s.opts.name, &model, max_tokens);
     let full_len = answer_pieces(&s.opts.name, &model, None).len();
     let finish = if pieces.len() < full_len { "length" } else { "stop" };
@@ -527,7 +549,9 @@ async fn sleep_ms(ms: u64) {
 fn embeddings(v: &serde_json::Value, model: &str) -> Response<MockBody> {
     let inputs: Vec<String> = match &v["input"] {
         serde_json::Value::String(s) => vec![s.clone()],
-        serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect(),
+        serde_json::Value::Array(a) => {
+            a.iter().map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).collect()
+        }
         _ => return error(StatusCode::BAD_REQUEST, "invalid_request_error", "missing_input", "`input` is required"),
     };
     let b64 = v["encoding_format"].as_str() == Some("base64");
@@ -589,7 +613,10 @@ mod tests {
 
     #[test]
     fn prompt_tokens_count_text_parts() {
-        let m = vec![json!({"role": "user", "content": "abcdefgh"}), json!({"role": "user", "content": [{"type": "text", "text": "abcd"}]})];
+        let m = vec![
+            json!({"role": "user", "content": "abcdefgh"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "abcd"}]}),
+        ];
         assert_eq!(prompt_tokens(&m), 3 + 6);
     }
 

@@ -55,7 +55,9 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
-            format!("The model `{model}` does not exist or is not served by this gateway. GET /v1/models lists the models."),
+            format!(
+                "The model `{model}` does not exist or is not served by this gateway. GET /v1/models lists the models."
+            ),
         )
     }
     /// 502: an upstream answered something that is not a valid OpenAI answer.
@@ -64,9 +66,8 @@ impl ApiError {
     }
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        let b = ErrorBody {
-            error: ErrorInner { message: &self.message, kind: self.kind, param: None, code: self.code },
-        };
+        let b =
+            ErrorBody { error: ErrorInner { message: &self.message, kind: self.kind, param: None, code: self.code } };
         // Serialising a struct of strings cannot fail.
         Bytes::from(serde_json::to_vec(&b).unwrap_or_default())
     }
@@ -135,8 +136,8 @@ fn json_error(e: serde_json::Error) -> ApiError {
 
 fn model_of(body: &[u8], raw: Option<&RawValue>) -> Result<(String, Range<usize>), ApiError> {
     let raw = raw.ok_or_else(|| ApiError::invalid("missing_model", "`model` is required"))?;
-    let model: Cow<str> = serde_json::from_str(raw.get())
-        .map_err(|_| ApiError::invalid("invalid_model", "`model` must be a string"))?;
+    let model: Cow<str> =
+        serde_json::from_str(raw.get()).map_err(|_| ApiError::invalid("invalid_model", "`model` must be a string"))?;
     if model.is_empty() {
         return Err(ApiError::invalid("invalid_model", "`model` must not be empty"));
     }
@@ -158,7 +159,9 @@ pub fn inspect_chat(body: &[u8]) -> Result<RequestInfo, ApiError> {
             Some(r) => {
                 return Err(ApiError::invalid(
                     "invalid_role",
-                    format!("messages[{i}].role {r:?} is not one of system, user, assistant, tool, function, developer"),
+                    format!(
+                        "messages[{i}].role {r:?} is not one of system, user, assistant, tool, function, developer"
+                    ),
                 ))
             }
             None => return Err(ApiError::invalid("invalid_role", format!("messages[{i}].role is required"))),
@@ -173,7 +176,10 @@ pub fn inspect_chat(body: &[u8]) -> Result<RequestInfo, ApiError> {
     }
     if let Some(t) = v.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid("invalid_temperature", format!("`temperature` must be between 0 and 2, got {t}")));
+            return Err(ApiError::invalid(
+                "invalid_temperature",
+                format!("`temperature` must be between 0 and 2, got {t}"),
+            ));
         }
     }
     let (model, model_span) = model_of(body, v.model)?;
@@ -379,7 +385,8 @@ mod tests {
             Some(Usage { prompt_tokens: 3, completion_tokens: 5 })
         );
         assert!(answer_usage(b"<html>").is_err());
-        let chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        let chunk =
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
         assert_eq!(stream_usage(chunk), Some(Usage { prompt_tokens: 2, completion_tokens: 9 }));
         assert_eq!(stream_usage(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"), None);
     }

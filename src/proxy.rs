@@ -196,7 +196,11 @@ async fn serve(gw: &Arc<Gateway>, api: Api, req: Request<Incoming>) -> Result<Re
     if model.cfg.kind != wanted {
         return Err(ApiError::invalid(
             "wrong_model_kind",
-            format!("The model `{}` is not a {} model", info.model, if api == Api::Chat { "chat" } else { "embeddings" }),
+            format!(
+                "The model `{}` is not a {} model",
+                info.model,
+                if api == Api::Chat { "chat" } else { "embeddings" }
+            ),
         ));
     }
     let ctx = Ctx { gw, rt: &rt, api, body: &body, info: &info, deadline: Instant::now() + rt.config.retry.deadline };
@@ -400,7 +404,8 @@ fn exhausted(ctx: &Ctx<'_>, model: &Model, attempts: u32, errors: &[AttemptError
     } else if all(FailKind::Garbage) {
         ApiError::bad_upstream(message)
     } else {
-        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no_upstream_available", message);
+        let mut e =
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no_upstream_available", message);
         e.retry_after_s = Some(1);
         e
     }
@@ -518,8 +523,13 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, trial: bool) -> 
             let (mut parts, body) = resp.into_parts();
             let bytes = match tokio::time::timeout_at(end_by, Limited::new(body, 1 << 20).collect()).await {
                 Ok(Ok(c)) => scrub(&c.to_bytes(), member),
-                _ => ApiError::new(status, "invalid_request_error", "upstream_client_error", "upstream refused the request")
-                    .body(),
+                _ => ApiError::new(
+                    status,
+                    "invalid_request_error",
+                    "upstream_client_error",
+                    "upstream refused the request",
+                )
+                .body(),
             };
             strip_headers(&mut parts.headers);
             return AttemptResult::ClientError(Response::from_parts(parts, Body::full(bytes)));

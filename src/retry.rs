@@ -63,10 +63,7 @@ pub fn counts_as_failure(v: Verdict) -> bool {
 /// Whether another attempt (another key, endpoint or fallback model) may help:
 /// AuthError, RateLimited and Retriable. A ClientError goes back to the client as it is.
 pub fn may_try_elsewhere(v: Verdict) -> bool {
-    matches!(
-        v,
-        Verdict::AuthError | Verdict::RateLimited | Verdict::Retriable
-    )
+    matches!(v, Verdict::AuthError | Verdict::RateLimited | Verdict::Retriable)
 }
 
 /// Exponential backoff with "equal jitter" between attempts on the same endpoint.
@@ -81,10 +78,7 @@ pub struct Backoff {
 impl Default for Backoff {
     /// The contract defaults: 50 ms base, 2 s cap.
     fn default() -> Self {
-        Backoff {
-            base_ms: 50,
-            max_ms: 2_000,
-        }
+        Backoff { base_ms: 50, max_ms: 2_000 }
     }
 }
 
@@ -151,19 +145,9 @@ fn parse_delta_seconds(s: &str) -> Option<u64> {
     Some(ms)
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-const LONG_DAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const LONG_DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// An HTTP-date → seconds since the Unix epoch (may be negative before 1970).
 /// The day name must be valid but is not checked against the date.
@@ -187,9 +171,7 @@ fn parse_http_date(s: &str) -> Option<i64> {
             return None;
         };
         let mut parts = date.split('-');
-        let (Some(day), Some(month), Some(yy), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(day), Some(month), Some(yy), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return None;
         };
         let yy = number(yy, 2)?;
@@ -232,8 +214,7 @@ fn timestamp(year: i64, month: &str, day: i64, time: &str) -> Option<i64> {
         return None;
     }
     let mut hms = time.split(':');
-    let (Some(h), Some(m), Some(sec), None) = (hms.next(), hms.next(), hms.next(), hms.next())
-    else {
+    let (Some(h), Some(m), Some(sec), None) = (hms.next(), hms.next(), hms.next(), hms.next()) else {
         return None;
     };
     let (h, m, sec) = (number(h, 2)?, number(m, 2)?, number(sec, 2)?);
@@ -260,11 +241,7 @@ fn days_in_month(year: i64, month: i64) -> i64 {
 /// Days from 1970-01-01 to the given proleptic Gregorian date.
 fn days_since_epoch(year: i64, month: i64, day: i64) -> i64 {
     // Count days from 0000-03-01 so that February, with its leap day, ends each year.
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
+    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
     let day_of_year = (153 * m + 2) / 5 + day - 1;
     let days = 365 * y + y.div_euclid(4) - y.div_euclid(100) + y.div_euclid(400) + day_of_year;
     // 719_468 days separate 0000-03-01 from 1970-01-01.
@@ -315,10 +292,7 @@ mod tests {
 
     #[test]
     fn backoff_ceiling_doubles_and_caps() {
-        let b = Backoff {
-            base_ms: 50,
-            max_ms: 2_000,
-        };
+        let b = Backoff { base_ms: 50, max_ms: 2_000 };
         let c: Vec<u64> = (0..8).map(|i| b.ceiling_ms(i)).collect();
         assert_eq!(c, [50, 100, 200, 400, 800, 1_600, 2_000, 2_000]);
         assert_eq!(b.ceiling_ms(63), 2_000);
@@ -335,21 +309,14 @@ mod tests {
             for i in 0..10 {
                 let c = b.ceiling_ms(i);
                 let d = b.delay_ms(i, &mut rng);
-                assert!(
-                    d >= c - c / 2 && d <= c,
-                    "retry {i}: {d} not in [{}, {c}]",
-                    c - c / 2
-                );
+                assert!(d >= c - c / 2 && d <= c, "retry {i}: {d} not in [{}, {c}]", c - c / 2);
             }
         }
     }
 
     #[test]
     fn backoff_jitter_covers_the_range() {
-        let b = Backoff {
-            base_ms: 1_000,
-            max_ms: 1_000,
-        };
+        let b = Backoff { base_ms: 1_000, max_ms: 1_000 };
         let mut rng = SmallRng::seed_from_u64(1);
         let ds: Vec<u64> = (0..10_000).map(|_| b.delay_ms(0, &mut rng)).collect();
         let (lo, hi) = (ds.iter().min().copied(), ds.iter().max().copied());
@@ -361,20 +328,11 @@ mod tests {
     #[test]
     fn backoff_degenerate_values() {
         let mut rng = SmallRng::seed_from_u64(3);
-        let zero = Backoff {
-            base_ms: 0,
-            max_ms: 0,
-        };
+        let zero = Backoff { base_ms: 0, max_ms: 0 };
         assert_eq!(zero.delay_ms(5, &mut rng), 0);
-        let one = Backoff {
-            base_ms: 1,
-            max_ms: 10,
-        };
+        let one = Backoff { base_ms: 1, max_ms: 10 };
         assert_eq!(one.delay_ms(0, &mut rng), 1);
-        let huge = Backoff {
-            base_ms: u64::MAX,
-            max_ms: u64::MAX,
-        };
+        let huge = Backoff { base_ms: u64::MAX, max_ms: u64::MAX };
         assert!(huge.delay_ms(3, &mut rng) >= u64::MAX / 2);
     }
 
@@ -385,13 +343,8 @@ mod tests {
         assert_eq!(parse_retry_after("1.5", 0), Some(1_500));
         assert_eq!(parse_retry_after("0.25", 0), Some(250));
         assert_eq!(parse_retry_after("2.0009", 0), Some(2_000));
-        assert_eq!(
-            parse_retry_after("99999999999999999999999", 0),
-            Some(u64::MAX)
-        );
-        for bad in [
-            "", "-1", "+1", "1.", ".5", "1e3", "inf", "NaN", "1 2", "0x10",
-        ] {
+        assert_eq!(parse_retry_after("99999999999999999999999", 0), Some(u64::MAX));
+        for bad in ["", "-1", "+1", "1.", ".5", "1e3", "inf", "NaN", "1 2", "0x10"] {
             assert_eq!(parse_retry_after(bad, 0), None, "{bad:?}");
         }
     }
@@ -404,11 +357,7 @@ mod tests {
         assert_eq!(parse_http_date(date), Some(1_445_412_480));
         assert_eq!(parse_retry_after(date, at - 90), Some(90_000));
         assert_eq!(parse_retry_after(date, at), Some(0));
-        assert_eq!(
-            parse_retry_after(date, at + 3_600),
-            Some(0),
-            "past dates are 0"
-        );
+        assert_eq!(parse_retry_after(date, at + 3_600), Some(0), "past dates are 0");
     }
 
     #[test]
@@ -432,10 +381,7 @@ mod tests {
         assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), want);
         assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), want);
         assert_eq!(parse_http_date("Sun Nov 06 08:49:37 1994"), want);
-        assert_eq!(
-            parse_http_date("Thursday, 01-Jan-26 00:00:00 GMT"),
-            Some(1_767_225_600)
-        );
+        assert_eq!(parse_http_date("Thursday, 01-Jan-26 00:00:00 GMT"), Some(1_767_225_600));
     }
 
     #[test]

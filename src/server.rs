@@ -263,7 +263,12 @@ async fn admin(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
                 ));
             };
             ep.enabled.store(enable, Ordering::Relaxed);
-            tracing::warn!(endpoint = name, enabled = enable, "endpoint manually {}", if enable { "enabled" } else { "disabled" });
+            tracing::warn!(
+                endpoint = name,
+                enabled = enable,
+                "endpoint manually {}",
+                if enable { "enabled" } else { "disabled" }
+            );
             return json(StatusCode::OK, &serde_json::json!({"endpoint": name, "enabled": enable}));
         }
     }

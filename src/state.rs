@@ -170,7 +170,15 @@ impl Pair {
     }
 
     /// Apply an outcome (live or probe) to breaker, history, latency average, status and gauges.
-    pub fn record(&self, outcome: Outcome, trial: bool, source: Source, cfg: &BreakerConfig, policy: &StatusPolicy, now_ms: u64) {
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        trial: bool,
+        source: Source,
+        cfg: &BreakerConfig,
+        policy: &StatusPolicy,
+        now_ms: u64,
+    ) {
         let transition = {
             let mut b = self.breaker.lock();
             match outcome {
@@ -208,9 +216,18 @@ impl Pair {
     /// Recompute the cached status from history and breaker.
     pub fn refresh_status(&self, policy: &StatusPolicy, has_usable_key: bool) {
         let state = self.breaker_state();
-        let policy = StatusPolicy { max_latency_ms: self.max_latency_ms.load(Ordering::Relaxed) as f64, ..policy.clone() };
+        let mut policy = StatusPolicy { max_latency_ms: self.max_latency_ms.load(Ordering::Relaxed) as f64, ..*policy };
         let s = {
             let h = self.history.lock();
+            // A breaker that closed after successful trials proves recovery: failures from before it no
+            // longer count against the success rate.
+            let recovered = self.recovered_at_ms.load(Ordering::Relaxed);
+            if recovered != 0 {
+                let since = h.iter().rev().take_while(|c| c.at_ms >= recovered).count().max(1);
+                if policy.window == 0 || since < policy.window {
+                    policy.window = since;
+                }
+            }
             crate::history::status(&h, state, has_usable_key, &policy)
         };
         let old = self.status.swap(status_code(s), Ordering::Relaxed);
@@ -230,7 +247,9 @@ impl Pair {
             BreakerState::Open => {
                 tracing::warn!(endpoint = %self.endpoint, model = %self.model, from = from.as_str(), "circuit breaker opened")
             }
-            _ => tracing::info!(endpoint = %self.endpoint, model = %self.model, from = from.as_str(), to = to.as_str(), "circuit breaker changed"),
+            _ => {
+                tracing::info!(endpoint = %self.endpoint, model = %self.model, from = from.as_str(), to = to.as_str(), "circuit breaker changed")
+            }
         }
     }
 
@@ -323,8 +342,7 @@ impl Runtime {
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let prev = old.and_then(|o| o.endpoints.iter().find(|p| p.cfg.name == e.name));
-            let same_conn =
-                prev.filter(|p| p.cfg.base_url == e.base_url && p.cfg.connect_timeout == e.connect_timeout);
+            let same_conn = prev.filter(|p| p.cfg.base_url == e.base_url && p.cfg.connect_timeout == e.connect_timeout);
             let client = match same_conn {
                 Some(p) => p.client.clone(),
                 None => upstream::client(e.connect_timeout),
@@ -374,7 +392,11 @@ impl Runtime {
                 .iter()
                 .filter_map(|e| {
                     let i = e.cfg.models.iter().position(|(p, _)| p == &m.name)?;
-                    Some(Member { endpoint: e.clone(), upstream_model: e.cfg.models[i].1.clone(), pair: e.pairs[i].clone() })
+                    Some(Member {
+                        endpoint: e.clone(),
+                        upstream_model: e.cfg.models[i].1.clone(),
+                        pair: e.pairs[i].clone(),
+                    })
                 })
                 .collect();
             let balancer = Balancer::new(m.strategy, members.len());
@@ -389,7 +411,8 @@ impl Runtime {
             success_threshold: config.breaker.success_threshold,
             half_open_max_trials: config.breaker.half_open_max_trials,
         };
-        let policy = StatusPolicy { max_latency_ms: 2000.0, min_success_rate: config.health.min_success_rate, window: 20 };
+        let policy =
+            StatusPolicy { max_latency_ms: 2000.0, min_success_rate: config.health.min_success_rate, window: 20 };
         Runtime { config: Arc::new(config), endpoints, models, models_json, breaker, policy }
     }
 

@@ -110,7 +110,8 @@ fn raw_upstream(answer: &'static str) -> (std::net::SocketAddr, std::sync::mpsc:
 #[tokio::test]
 async fn bad_input_gets_openai_errors() {
     let m = mock("alpha", "gpt-4.1", &[]);
-    let (garbage, _) = raw_upstream("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n<html>oops</h");
+    let (garbage, _) =
+        raw_upstream("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n<html>oops</h");
     let cfg = config(
         &[("alpha", m.addr, "models = [\"gpt-4.1\"]"), ("junk", garbage, "models = [\"broken-model\"]")],
         &(model("gpt-4.1", "") + &model("broken-model", "")),
@@ -123,7 +124,11 @@ async fn bad_input_gets_openai_errors() {
     assert_error(&post(&url, "{not json").await, 400, "invalid_json");
     assert_error(&post(&url, r#"{"model":"gpt-4.1"}"#).await, 400, "missing_messages");
     assert_error(&post(&url, r#"{"model":"gpt-4.1","messages":[]}"#).await, 400, "empty_messages");
-    assert_error(&post(&url, r#"{"model":"gpt-4.1","messages":[{"role":"pirate","content":"x"}]}"#).await, 400, "invalid_role");
+    assert_error(
+        &post(&url, r#"{"model":"gpt-4.1","messages":[{"role":"pirate","content":"x"}]}"#).await,
+        400,
+        "invalid_role",
+    );
     assert_error(&post(&url, r#"{"model":"gpt-4.1","messages":[{"content":"x"}]}"#).await, 400, "invalid_role");
     let mt = r#"{"model":"gpt-4.1","max_tokens":0,"messages":[{"role":"user","content":"x"}]}"#;
     assert_error(&post(&url, mt).await, 400, "invalid_max_tokens");
@@ -147,7 +152,11 @@ async fn unknown_fields_pass_through_untouched() {
     let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
     let (addr, bodies) = raw_upstream(answer);
     let cfg = config(&[("cap", addr, "models = { \"gpt-4.1\" = \"up/gpt-4.1\" }")], &model("gpt-4.1", ""), "");
-    let gw = gateway(&cfg.replace("interval = \"300ms\"", "interval = \"60s\"").replace("idle_interval = \"1s\"", "idle_interval = \"60s\""), &[]);
+    let gw = gateway(
+        &cfg.replace("interval = \"300ms\"", "interval = \"60s\"")
+            .replace("idle_interval = \"1s\"", "idle_interval = \"60s\""),
+        &[],
+    );
     while bodies.try_recv().is_ok() {}
     let sent = r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],"response_format":{"type":"json_object"},"seed":42,"x_custom":[1,2.50,"\u00e9"]}"#;
     let r = post(&gw.url("/v1/chat/completions"), sent).await;
@@ -226,7 +235,10 @@ async fn reload_keeps_health_and_refuses_bad_config() {
     let a = mock("alpha", "gpt-4.1", &[]);
     let b = mock("beta", "gpt-4.1", &[]);
     let cfg = config(
-        &[("alpha", a.addr, "weight = 1\nmodels = [\"gpt-4.1\"]"), ("beta", b.addr, "weight = 1\nmodels = [\"gpt-4.1\"]")],
+        &[
+            ("alpha", a.addr, "weight = 1\nmodels = [\"gpt-4.1\"]"),
+            ("beta", b.addr, "weight = 1\nmodels = [\"gpt-4.1\"]"),
+        ],
         &model("gpt-4.1", ""),
         "",
     )
@@ -242,13 +254,13 @@ async fn reload_keeps_health_and_refuses_bad_config() {
     assert_eq!(request("POST", &gw.url("/admin/reload"), &[], "").await.status, 401);
 
     // Change weights (beta 0 -> only alpha... weight 0 counts as 1 unit; use priority instead) and reload via SIGHUP.
-    let new = cfg.replace("name = \"beta\"\nbase_url", "name = \"beta\"\npriority = 5\nbase_url").replace(
-        "output_usd_per_mtok = 8.0\n",
-        "output_usd_per_mtok = 8.0\nstrategy = \"priority\"\n",
-    );
+    let new = cfg
+        .replace("name = \"beta\"\nbase_url", "name = \"beta\"\npriority = 5\nbase_url")
+        .replace("output_usd_per_mtok = 8.0\n", "output_usd_per_mtok = 8.0\nstrategy = \"priority\"\n");
     std::fs::write(gw.path(), &new).unwrap();
     gw.proc.signal("HUP");
-    eventually(Duration::from_secs(5), "SIGHUP reload", || async { gw.proc.stderr().contains("reloaded on SIGHUP") }).await;
+    eventually(Duration::from_secs(5), "SIGHUP reload", || async { gw.proc.stderr().contains("reloaded on SIGHUP") })
+        .await;
     let before_b = mock_stats(&b).await["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0);
     for _ in 0..10 {
         let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
@@ -310,7 +322,11 @@ fn config_check_exit_codes() {
     let out = std::process::Command::new(BIN).args(["config", "check", "--config"]).arg(&good).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&good).unwrap().replace("models = [\"m\"]", "models = [\"m\"]\ntimeout = \"soon\"")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&good).unwrap().replace("models = [\"m\"]", "models = [\"m\"]\ntimeout = \"soon\""),
+    )
+    .unwrap();
     let out = std::process::Command::new(BIN).args(["config", "check", "--config"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

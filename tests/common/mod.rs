@@ -219,10 +219,7 @@ impl Streamed {
     }
     /// The `data:` payloads of the SSE stream.
     pub fn events(&self) -> Vec<String> {
-        self.text()
-            .split("\n\n")
-            .filter_map(|e| e.trim().strip_prefix("data:").map(|d| d.trim().to_string()))
-            .collect()
+        self.text().split("\n\n").filter_map(|e| e.trim().strip_prefix("data:").map(|d| d.trim().to_string())).collect()
     }
     /// Joined `delta.content` of the chunks.
     pub fn content(&self) -> String {

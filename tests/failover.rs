@@ -1,0 +1,227 @@
+//! Fault drills: three `sheepdog mock` upstreams under steady client load; one fails in each way; clients see no
+//! error, the breaker opens and the bad endpoint gets no live traffic, and it comes back after the fault clears.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Drills run one at a time: each measures timing on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const RECOVERY_MS: u64 = 1000;
+const INTERVAL_MS: u64 = 300;
+
+fn drill_config(addrs: &[(&str, std::net::SocketAddr)], strategy: &str) -> String {
+    let eps: Vec<(&str, std::net::SocketAddr, &str)> = addrs
+        .iter()
+        .map(|(n, a)| (*n, *a, "models = [\"gpt-4.1\"]\nfirst_byte_timeout = \"500ms\"\ntimeout = \"3s\""))
+        .collect();
+    let extra = format!(
+        "[breaker]\nfailure_threshold = 3\nrecovery_timeout = \"{RECOVERY_MS}ms\"\nsuccess_threshold = 2\n\n\
+         [retry]\nmax_attempts = 3\nbackoff_base = \"10ms\"\ndeadline = \"10s\"\n"
+    );
+    // Probes use GET /v1/models so that the mocks' chat counters show live traffic only.
+    config(&eps, &model("gpt-4.1", &format!("strategy = \"{strategy}\"")), &extra)
+        .replace("timeout = \"1s\"\n\n[breaker]", "timeout = \"1s\"\nprobe = \"models\"\n\n[breaker]")
+}
+
+fn chat_count(stats: &serde_json::Value) -> u64 {
+    stats["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0)
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u16>>>,
+}
+
+fn load(url: String, workers: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = (0..workers)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = post(&url, &chat("gpt-4.1")).await;
+                    if r.status != 200 {
+                        eprintln!("client error {}: {}", r.status, r.text());
+                    }
+                    codes.push(r.status);
+                }
+                codes
+            })
+        })
+        .collect();
+    Load { stop, tasks }
+}
+
+impl Load {
+    async fn finish(self) -> Vec<u16> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    }
+}
+
+async fn breaker(gw: &Gateway, ep: &str) -> String {
+    pair_status(gw, ep, "gpt-4.1").await["breaker"].as_str().unwrap().to_string()
+}
+
+/// The drill: `inject` breaks endpoint `a`, `clear` repairs it (returning the repaired mock if it was replaced).
+async fn drill(mode: &str) {
+    let _serial = SERIAL.lock().await;
+    let mut a = mock("a", "gpt-4.1", &["--latency-ms", "5"]);
+    let b = mock("b", "gpt-4.1", &["--latency-ms", "5"]);
+    let c = mock("c", "gpt-4.1", &["--latency-ms", "5"]);
+    let gw = gateway(&drill_config(&[("a", a.addr), ("b", b.addr), ("c", c.addr)], "weighted_round_robin"), &[]);
+    eventually(Duration::from_secs(10), "all pairs probed", || async {
+        let s = get(&gw.url("/status")).await.json();
+        s["endpoints"].as_array().unwrap().iter().all(|e| e["models"][0]["checks"].as_u64().unwrap() >= 1)
+    })
+    .await;
+    let traffic = load(gw.url("/v1/chat/completions"), 4);
+    eventually(Duration::from_secs(5), "a serves live traffic", || async { chat_count(&mock_stats(&a).await) > 5 })
+        .await;
+
+    // Break it.
+    let a_addr = a.addr;
+    if mode == "kill" {
+        a.kill();
+    } else {
+        faults(&a, &format!(r#"{{"mode":"{mode}"}}"#)).await;
+    }
+    eventually(Duration::from_secs(10), "a's breaker opens", || async { breaker(&gw, "a").await == "open" }).await;
+
+    // While open: no live traffic to a, only probes.
+    if mode != "kill" {
+        let s0 = mock_stats(&a).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let s1 = mock_stats(&a).await;
+        // At most the requests already in flight when it opened.
+        assert!(chat_count(&s1) - chat_count(&s0) <= 4, "{mode}: live traffic reached a while open: {s0} -> {s1}");
+        let probes = |s: &serde_json::Value| s["by_path"]["/v1/models"].as_u64().unwrap_or(0);
+        assert!(probes(&s1) > probes(&s0), "{mode}: a was not probed while open");
+    } else {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    // Repair it and time its return to rotation.
+    let cleared = Instant::now();
+    let a = if mode == "kill" {
+        Proc::spawn(
+            &["mock", "--listen", &a_addr.to_string(), "--name", "a", "--models", "gpt-4.1", "--latency-ms", "5"],
+            &[],
+            "listening on ",
+        )
+    } else {
+        faults(&a, r#"{"mode":"ok"}"#).await;
+        a
+    };
+    let base = chat_count(&mock_stats(&a).await);
+    eventually(Duration::from_secs(10), "a back in rotation", || async {
+        breaker(&gw, "a").await == "closed" && chat_count(&mock_stats(&a).await) > base
+    })
+    .await;
+    let back = cleared.elapsed();
+    let codes = traffic.finish().await;
+    let failed = codes.iter().filter(|&&c| c != 200).count();
+    assert_eq!(failed, 0, "{mode}: {failed} of {} client requests failed", codes.len());
+    assert!(codes.len() > 50, "{mode}: too little load: {}", codes.len());
+    // The breaker's timeout doubles after each failed half-open trial (at most twice here), plus two probe
+    // intervals, plus slack for a loaded 2-core machine.
+    let bound = Duration::from_millis(4 * RECOVERY_MS + 2 * INTERVAL_MS + 1500);
+    if back > bound {
+        let log = gw.proc.stderr();
+        for l in log.lines().filter(|l| l.contains("breaker") || l.contains("status")) {
+            eprintln!("{l}");
+        }
+    }
+    assert!(back <= bound, "{mode}: back after {back:?}, bound {bound:?}");
+    eprintln!("{mode}: {} requests, 0 failed, back in rotation after {back:?}", codes.len());
+}
+
+#[tokio::test]
+async fn drill_error_500() {
+    drill("error_500").await;
+}
+
+#[tokio::test]
+async fn drill_error_429() {
+    drill("error_429").await;
+}
+
+#[tokio::test]
+async fn drill_reset() {
+    drill("reset").await;
+}
+
+#[tokio::test]
+async fn drill_hang() {
+    drill("hang").await;
+}
+
+#[tokio::test]
+async fn drill_killed_process() {
+    drill("kill").await;
+}
+
+#[tokio::test]
+async fn stream_failing_before_first_chunk_fails_over_transparently() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "gpt-4.1", &[]);
+    let cfg = drill_config(&[("a", a.addr), ("b", b.addr)], "priority")
+        .replace("name = \"b\"\n", "name = \"b\"\npriority = 1\n");
+    let gw = gateway(&cfg, &[]);
+    faults(&a, r#"{"mode":"reset"}"#).await;
+    let body = r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let s = stream(&gw.url("/v1/chat/completions"), body).await;
+    assert_eq!(s.status, 200);
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert_eq!(s.headers.get("x-sheepdog-endpoint").unwrap(), "b");
+    assert_eq!(s.headers.get("x-sheepdog-attempts").unwrap(), "2");
+    assert_eq!(s.content(), sheepdog::mock::answer_pieces("b", "gpt-4.1", None).concat());
+    assert!(!s.text().contains("\"error\""));
+}
+
+#[tokio::test]
+async fn stream_breaking_mid_way_ends_with_an_sse_error_event() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &["--tokens-per-sec", "50"]);
+    let gw = gateway(&drill_config(&[("a", a.addr)], "priority"), &[]);
+    faults(&a, r#"{"mode":"break_stream"}"#).await;
+    let body = r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let started = Instant::now();
+    let s = stream(&gw.url("/v1/chat/completions"), body).await;
+    assert_eq!(s.status, 200);
+    assert!(s.error.is_none(), "the client's stream must close cleanly: {:?}", s.error);
+    assert!(started.elapsed() < Duration::from_secs(5), "hung");
+    let events = s.events();
+    assert!(events.len() >= 3, "{events:?}");
+    let err = &events[events.len() - 2];
+    let v: serde_json::Value = serde_json::from_str(err).unwrap();
+    assert_eq!(v["error"]["code"], "bad_upstream_response", "{v}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn nothing_can_serve_gives_503_naming_every_attempt() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "gpt-4.1", &[]);
+    let gw = gateway(&drill_config(&[("a", a.addr), ("b", b.addr)], "weighted_round_robin"), &[]);
+    faults(&a, r#"{"mode":"error_500"}"#).await;
+    faults(&b, r#"{"mode":"error_500"}"#).await;
+    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("a/gpt-4.1: HTTP 500") && msg.contains("b/gpt-4.1: HTTP 500"), "{msg}");
+    assert!(r.header("retry-after").is_some());
+}
