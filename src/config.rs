@@ -197,15 +197,6 @@ pub enum ModelKind {
     Embeddings,
 }
 
-/// When a hedged second attempt starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum HedgeAfter {
-    /// After a fixed delay.
-    Fixed(Duration),
-    /// After the first endpoint's p95 latency.
-    P95,
-}
-
 /// One `[[models]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -221,8 +212,6 @@ pub struct ModelConfig {
     pub fallbacks: Vec<String>,
     /// Chat or embeddings.
     pub kind: ModelKind,
-    /// Hedged requests, when set.
-    pub hedge_after: Option<HedgeAfter>,
     /// A static answer given, marked as such, when nothing can serve.
     pub static_fallback: Option<String>,
 }
@@ -324,7 +313,6 @@ struct RawModel {
     #[serde(default)]
     fallbacks: Vec<S>,
     kind: Option<ModelKind>,
-    hedge_after: Option<S>,
     static_fallback: Option<S>,
 }
 
@@ -704,20 +692,6 @@ impl Validator<'_> {
             }
         };
         let fallbacks = m.fallbacks.iter().map(|s| self.string(s, &k("fallbacks"))).collect::<Result<_, _>>()?;
-        let hedge_after = match &m.hedge_after {
-            None => None,
-            Some(s) => {
-                let v = self.string(s, &k("hedge_after"))?;
-                if v == "p95" {
-                    Some(HedgeAfter::P95)
-                } else {
-                    Some(HedgeAfter::Fixed(
-                        parse_duration(&v)
-                            .map_err(|e| self.err(Some(s.span()), k("hedge_after"), format!("{e} (or \"p95\")")))?,
-                    ))
-                }
-            }
-        };
         let static_fallback = m.static_fallback.as_ref().map(|s| self.string(s, &k("static_fallback"))).transpose()?;
         Ok(ModelConfig {
             name,
@@ -726,7 +700,6 @@ impl Validator<'_> {
             strategy,
             fallbacks,
             kind: m.kind.unwrap_or(ModelKind::Chat),
-            hedge_after,
             static_fallback,
         })
     }

@@ -160,7 +160,9 @@ impl KeyPool {
 
     /// Set key `idx` aside (it was answered 401/403). Returns true when this changed it.
     pub fn set_aside(&self, idx: usize, now_ms: u64) -> bool {
-        self.keys.get(idx).is_some_and(|k| k.set_aside_at.swap(now_ms.max(1), Ordering::Relaxed) == 0)
+        self.keys.get(idx).is_some_and(|k| {
+            k.set_aside_at.compare_exchange(0, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        })
     }
 
     /// Bring key `idx` back into rotation (it worked again). Returns true when this changed it.
@@ -184,12 +186,10 @@ impl KeyPool {
     /// Note that a set-aside key was just re-tested (and failed), so the next re-test waits a full period.
     pub fn retested(&self, idx: usize, now_ms: u64) {
         if let Some(k) = self.keys.get(idx) {
-            let _ = k.set_aside_at.compare_exchange(
-                k.set_aside_at.load(Ordering::Relaxed),
-                now_ms.max(1),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            // Only a key still set aside gets a new timestamp; a restored one stays usable.
+            let _ = k
+                .set_aside_at
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| (t != 0).then_some(now_ms.max(1)));
         }
     }
 
