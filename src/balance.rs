@@ -597,6 +597,18 @@ mod tests {
     }
 
     #[test]
+    fn strategy_deserializes_from_config_names() {
+        use serde::de::value::{Error, StrDeserializer};
+        use serde::de::IntoDeserializer;
+        for s in Strategy::ALL {
+            let d: StrDeserializer<'_, Error> = s.as_str().into_deserializer();
+            assert_eq!(Strategy::deserialize(d), Ok(s));
+        }
+        let d: StrDeserializer<'_, Error> = "fastest".into_deserializer();
+        assert!(Strategy::deserialize(d).is_err());
+    }
+
+    #[test]
     fn tiers_are_ordered_best_first() {
         assert!(Tier::Healthy < Tier::Degraded);
         assert!(Tier::Degraded < Tier::HalfOpen);
