@@ -8,7 +8,9 @@
 //! and draws randomness only from the `rng` it is given. It does not decide health,
 //! breakers or retries: the caller describes each endpoint as a [`Candidate`] and
 //! vetoes endpoints (already tried, breaker open, disabled) through `allowed`.
-//! A pick allocates nothing, whatever the number of endpoints.
+//! A pick allocates nothing, whatever the number of endpoints (the round-robin
+//! state grows once if a balancer is handed more endpoints than it was sized for);
+//! `benches/select.rs` checks this with a counting allocator.
 //!
 //! # Tiers first, then the strategy
 //! Among the candidates that are allowed, only those of the best non-empty [`Tier`]
@@ -23,7 +25,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 /// Fixed-point scale of effective weights: weight 1 at full slow start is 1000 units.
-pub const WEIGHT_SCALE: f64 = 1000.0;
+pub const WEIGHT_SCALE: u64 = 1000;
 
 /// The least share of its weight a recovering endpoint gets from [`slow_start_factor`].
 pub const SLOW_START_FLOOR: f64 = 0.1;
@@ -85,6 +87,7 @@ impl FromStr for Strategy {
 
 /// Health tier of a candidate; ordered best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(u8)]
 pub enum Tier {
     /// Healthy and closed: first choice.
     #[default]
@@ -95,6 +98,11 @@ pub enum Tier {
     HalfOpen,
     /// Never selected.
     Unavailable,
+}
+
+impl Tier {
+    /// Every tier, best first (index = discriminant).
+    pub const ALL: [Tier; 4] = [Tier::Healthy, Tier::Degraded, Tier::HalfOpen, Tier::Unavailable];
 }
 
 /// What the balancer needs to know about one endpoint at pick time.
@@ -133,11 +141,18 @@ impl Candidate {
         }
     }
 
-    /// `weight × slow_start` in units of 1/1000, never below one unit.
+    /// `weight × slow_start` in units of 1/[`WEIGHT_SCALE`], never below one unit.
+    #[inline]
     pub fn effective_weight(&self) -> u64 {
-        let w = (f64::from(self.weight) * WEIGHT_SCALE * self.ramp()).round();
-        // `as` saturates; u32::MAX × 1000 fits a u64 exactly.
-        (w as u64).max(1)
+        let full = u64::from(self.weight) * WEIGHT_SCALE;
+        let s = self.slow_start;
+        if s >= 1.0 || s.is_nan() {
+            return full.max(1);
+        }
+        // Below 2^43, so the i64 conversions (single instructions) are exact; `+ 0.5`
+        // then the truncating cast rounds half up, and `as` maps negatives to 0.
+        let scaled = (full as i64) as f64 * s.max(0.0) + 0.5;
+        (scaled as i64).max(1) as u64
     }
 
     /// The latency cost used by least latency: the EWMA divided by the slow-start
@@ -147,12 +162,13 @@ impl Candidate {
         if l.is_nan() || l < 0.0 {
             None
         } else {
-            Some(l / self.ramp().max(1.0 / WEIGHT_SCALE))
+            Some(l / self.ramp().max(1.0 / WEIGHT_SCALE as f64))
         }
     }
 }
 
-/// The candidates allowed in the best tier, remembered on the stack.
+/// The allowed candidates of the best tier. For the first [`MASK_BITS`] indices
+/// they are kept as an exact bit set on the stack; later indices are checked again.
 struct Eligible<'a, F> {
     cands: &'a [Candidate],
     allowed: F,
@@ -164,37 +180,87 @@ impl<'a, F: Fn(usize) -> bool> Eligible<'a, F> {
     /// Scans once; `None` when no candidate is allowed outside Unavailable.
     fn scan(cands: &'a [Candidate], allowed: F) -> Option<Self> {
         let mut mask = [0u64; MASK_BITS / 64];
-        let mut best = Tier::Unavailable;
-        for (i, c) in cands.iter().enumerate() {
-            // A candidate worse than the best tier seen so far can never compete:
-            // skip it without asking `allowed`.
-            if c.tier > best || c.tier == Tier::Unavailable || !allowed(i) {
-                continue;
+        let unavailable = Tier::Unavailable as u8;
+        let mut best = unavailable;
+        // Build each 64-bit word in a register and store it once: or-ing into the
+        // array per candidate chains every iteration through memory.
+        for (w, chunk) in cands.chunks(64).enumerate() {
+            let mut word = 0u64;
+            for (k, c) in chunk.iter().enumerate() {
+                // A candidate worse than the best tier seen so far can never
+                // compete: skip it without asking `allowed`.
+                let t = c.tier as u8;
+                if t > best || t == unavailable || !allowed(w * 64 + k) {
+                    continue;
+                }
+                if t < best {
+                    // Every bit set so far belongs to a worse tier.
+                    mask = [0; MASK_BITS / 64];
+                    word = 0;
+                    best = t;
+                }
+                word |= 1 << k;
             }
-            if i < MASK_BITS {
-                mask[i / 64] |= 1 << (i % 64);
+            if let Some(slot) = mask.get_mut(w) {
+                *slot = word;
             }
-            best = c.tier;
         }
-        (best < Tier::Unavailable).then_some(Eligible { cands, allowed, tier: best, mask })
+        let tier = Tier::ALL.get(usize::from(best)).copied()?;
+        (tier != Tier::Unavailable).then_some(Eligible { cands, allowed, tier, mask })
     }
 
-    fn contains(&self, i: usize) -> bool {
-        let Some(c) = self.cands.get(i) else {
-            return false;
-        };
-        if c.tier != self.tier {
-            return false;
+    /// Visits members in index order until `f` returns true; returns that index.
+    #[inline]
+    fn find(&self, mut f: impl FnMut(usize, &Candidate) -> bool) -> Option<usize> {
+        for (w, &word) in self.mask.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(c) = self.cands.get(i) {
+                    if f(i, c) {
+                        return Some(i);
+                    }
+                }
+            }
         }
-        if i < MASK_BITS {
-            self.mask[i / 64] & (1 << (i % 64)) != 0
-        } else {
-            (self.allowed)(i)
+        let tail = self.cands.get(MASK_BITS..).unwrap_or_default();
+        for (k, c) in tail.iter().enumerate() {
+            let i = MASK_BITS + k;
+            if c.tier == self.tier && (self.allowed)(i) && f(i, c) {
+                return Some(i);
+            }
         }
+        None
     }
 
-    fn indices(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.cands.len()).filter(move |&i| self.contains(i))
+    /// Visits every member in index order.
+    #[inline]
+    fn for_each(&self, mut f: impl FnMut(usize, &Candidate)) {
+        self.find(|i, c| {
+            f(i, c);
+            false
+        });
+    }
+
+    fn count(&self) -> usize {
+        let masked: u32 = self.mask.iter().map(|w| w.count_ones()).sum();
+        let mut n = masked as usize;
+        if self.cands.len() > MASK_BITS {
+            let tail = self.cands.get(MASK_BITS..).unwrap_or_default();
+            n += tail.iter().enumerate().filter(|(k, c)| c.tier == self.tier && (self.allowed)(MASK_BITS + k)).count();
+        }
+        n
+    }
+
+    /// The `k`-th member (0-based) in index order.
+    fn nth(&self, k: usize) -> Option<usize> {
+        let mut left = k;
+        self.find(|_, _| {
+            let hit = left == 0;
+            left = left.wrapping_sub(1);
+            hit
+        })
     }
 }
 
@@ -225,6 +291,10 @@ impl Balancer {
     /// Picks the next endpoint index among candidates whose `allowed(i)` is true,
     /// using only the best non-empty tier (Healthy; if none, Degraded; then
     /// HalfOpen; never Unavailable). `None` when nothing is allowed.
+    ///
+    /// `allowed` is called at most once per index below 256 (not at all for
+    /// candidates of a worse tier than one already allowed), and may be called
+    /// again for higher indices.
     pub fn pick<R: rand::Rng + ?Sized>(
         &self,
         cands: &[Candidate],
@@ -233,40 +303,52 @@ impl Balancer {
     ) -> Option<usize> {
         let set = Eligible::scan(cands, allowed)?;
         match self.strategy {
-            Strategy::WeightedRoundRobin => self.smooth_wrr(cands, |i| set.contains(i)),
+            Strategy::WeightedRoundRobin => self.smooth_wrr(&set, |_| true),
             Strategy::WeightedRandom => weighted_random(&set, rng),
             Strategy::LeastLatency => two_choices(&set, rng),
             Strategy::Priority => {
-                let top = set.indices().map(|i| cands[i].priority).min()?;
-                self.smooth_wrr(cands, |i| set.contains(i) && cands[i].priority == top)
+                let mut top = i32::MAX;
+                set.for_each(|_, c| top = top.min(c.priority));
+                self.smooth_wrr(&set, |c| c.priority == top)
             }
         }
     }
 
-    /// nginx's smooth weighted round robin over the indices in `member`: every
-    /// member's current weight grows by its effective weight, the largest wins
-    /// (the first on ties) and gives back the total.
-    fn smooth_wrr(&self, cands: &[Candidate], member: impl Fn(usize) -> bool) -> Option<usize> {
+    /// nginx's smooth weighted round robin over the members of `set` that pass
+    /// `keep`: each one's current weight grows by its effective weight, the largest
+    /// wins (the first on ties) and gives back the total.
+    fn smooth_wrr<F: Fn(usize) -> bool>(
+        &self,
+        set: &Eligible<'_, F>,
+        keep: impl Fn(&Candidate) -> bool,
+    ) -> Option<usize> {
         let mut current = self.current.lock();
-        if current.len() < cands.len() {
-            current.resize(cands.len(), 0);
+        if current.len() < set.cands.len() {
+            current.resize(set.cands.len(), 0);
         }
         let mut total: i64 = 0;
-        let mut best: Option<(usize, i64)> = None;
-        for (i, (c, cur)) in cands.iter().zip(current.iter_mut()).enumerate() {
-            if !member(i) {
-                continue;
+        let (mut best, mut best_weight) = (None, i64::MIN);
+        set.for_each(|i, c| {
+            if !keep(c) {
+                return;
             }
-            let w = i64::try_from(c.effective_weight()).unwrap_or(i64::MAX);
-            *cur = cur.saturating_add(w);
-            total = total.saturating_add(w);
-            if best.map_or(true, |(_, b)| *cur > b) {
-                best = Some((i, *cur));
+            let Some(cur) = current.get_mut(i) else {
+                return;
+            };
+            // Effective weights are below 2^43 and smooth WRR keeps every current
+            // weight within a few totals of zero, so these sums cannot overflow;
+            // wrapping keeps the loop lean and panic-free all the same.
+            let w = c.effective_weight() as i64;
+            *cur = cur.wrapping_add(w);
+            total = total.wrapping_add(w);
+            if best.is_none() || *cur > best_weight {
+                best = Some(i);
+                best_weight = *cur;
             }
-        }
-        let (chosen, _) = best?;
+        });
+        let chosen = best?;
         if let Some(cur) = current.get_mut(chosen) {
-            *cur = cur.saturating_sub(total);
+            *cur = cur.wrapping_sub(total);
         }
         Some(chosen)
     }
@@ -277,22 +359,24 @@ where
     F: Fn(usize) -> bool,
     R: rand::Rng + ?Sized,
 {
-    let total: u64 = set.indices().map(|i| set.cands[i].effective_weight()).fold(0u64, u64::saturating_add);
+    let mut total: u64 = 0;
+    set.for_each(|_, c| total = total.saturating_add(c.effective_weight()));
     if total == 0 {
         return None;
     }
     let mut r = rng.gen_range(0..total);
     let mut last = None;
-    for i in set.indices() {
-        let w = set.cands[i].effective_weight();
+    set.find(|i, c| {
+        let w = c.effective_weight();
+        last = Some(i);
         if r < w {
-            return Some(i);
+            return true;
         }
         r -= w;
-        last = Some(i);
-    }
-    // Only reachable if the weights saturated; the last member is a fair answer.
-    last
+        false
+    })
+    // Only missed if the weights saturated; the last member is a fair answer.
+    .or(last)
 }
 
 /// Power of two choices: two distinct random members, the lower latency cost wins;
@@ -302,31 +386,18 @@ where
     F: Fn(usize) -> bool,
     R: rand::Rng + ?Sized,
 {
-    let n = set.indices().count();
-    match n {
-        0 => return None,
-        1 => return set.indices().next(),
-        _ => {}
+    let n = set.count();
+    if n <= 1 {
+        return set.nth(0);
     }
     let a = rng.gen_range(0..n);
     let mut b = rng.gen_range(0..n - 1);
     if b >= a {
         b += 1;
     }
-    let (mut ia, mut ib) = (None, None);
-    for (k, i) in set.indices().enumerate() {
-        if k == a {
-            ia = Some(i);
-        }
-        if k == b {
-            ib = Some(i);
-        }
-        if ia.is_some() && ib.is_some() {
-            break;
-        }
-    }
-    let (ia, ib) = (ia?, ib?);
-    let pick_b = match (set.cands[ia].latency_cost(), set.cands[ib].latency_cost()) {
+    let (ia, ib) = (set.nth(a)?, set.nth(b)?);
+    let (ca, cb) = (set.cands.get(ia)?, set.cands.get(ib)?);
+    let pick_b = match (ca.latency_cost(), cb.latency_cost()) {
         (None, _) => false,
         (Some(_), None) => true,
         (Some(la), Some(lb)) => lb < la,
@@ -472,6 +543,18 @@ mod tests {
     }
 
     #[test]
+    fn strategy_deserializes_from_config_names() {
+        use serde::de::value::{Error, StrDeserializer};
+        use serde::de::IntoDeserializer;
+        for s in Strategy::ALL {
+            let d: StrDeserializer<'_, Error> = s.as_str().into_deserializer();
+            assert_eq!(Strategy::deserialize(d), Ok(s));
+        }
+        let d: StrDeserializer<'_, Error> = "fastest".into_deserializer();
+        assert!(Strategy::deserialize(d).is_err());
+    }
+
+    #[test]
     fn tiers_are_ordered_best_first() {
         assert!(Tier::Healthy < Tier::Degraded);
         assert!(Tier::Degraded < Tier::HalfOpen);
@@ -586,6 +669,28 @@ mod tests {
         let b = Balancer::new(Strategy::WeightedRoundRobin, 4);
         let n = counts(&b, &c, 100, &mut r);
         assert_eq!(n, [0, 0, 50, 50]);
+    }
+
+    #[test]
+    fn allowed_is_asked_once_and_not_for_worse_tiers() {
+        use std::cell::Cell;
+        let mut c = weights(&[1, 1, 1, 1, 1]);
+        c[1].tier = Tier::Degraded; // after a healthy one: never asked
+        c[3].tier = Tier::Unavailable; // never asked
+        for s in Strategy::ALL {
+            let asked = [(); 5].map(|_| Cell::new(0));
+            let b = Balancer::new(s, 5);
+            let pick = b.pick(
+                &c,
+                |i| {
+                    asked[i].set(asked[i].get() + 1);
+                    true
+                },
+                &mut rng(),
+            );
+            assert!(matches!(pick, Some(0 | 2 | 4)), "{s}: {pick:?}");
+            assert_eq!(asked.map(|a| a.get()), [1, 0, 1, 0, 1], "{s}");
+        }
     }
 
     #[test]

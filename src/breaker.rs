@@ -421,6 +421,16 @@ mod tests {
     }
 
     #[test]
+    fn state_deserializes_from_status_names() {
+        use serde::de::value::{Error, StrDeserializer};
+        use serde::de::IntoDeserializer;
+        for s in [Closed, Open, HalfOpen] {
+            let d: StrDeserializer<'_, Error> = s.as_str().into_deserializer();
+            assert_eq!(BreakerState::deserialize(d), Ok(s));
+        }
+    }
+
+    #[test]
     fn closed_admits_and_counts_consecutive_failures() {
         let c = cfg();
         let mut b = Breaker::new();

@@ -384,6 +384,16 @@ mod tests {
     }
 
     #[test]
+    fn status_deserializes_from_its_names() {
+        use serde::de::value::{Error, StrDeserializer};
+        use serde::de::IntoDeserializer;
+        for s in [Status::Healthy, Status::Degraded, Status::Unhealthy, Status::Unknown] {
+            let d: StrDeserializer<'_, Error> = s.as_str().into_deserializer();
+            assert_eq!(Status::deserialize(d), Ok(s));
+        }
+    }
+
+    #[test]
     fn status_unknown_when_never_checked() {
         let p = policy();
         assert_eq!(status(&History::new(10), Closed, true, &p), Status::Unknown);

@@ -336,6 +336,10 @@ pub fn spawn(listener: TcpListener, opts: MockOptions) -> std::io::Result<MockHa
 pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = TcpListener::bind(&args.listen).await?;
     let h = spawn(listener, MockOptions::from(&args))?;
+    // Install the handlers before announcing readiness: a SIGTERM right after the line must stop it cleanly.
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let ctrl_c = tokio::signal::ctrl_c();
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -343,15 +347,12 @@ pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send 
         out.flush()?;
     }
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
+    ctrl_c.await?;
     h.shutdown();
     Ok(())
 }
