@@ -285,11 +285,16 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
 /// A watch that turns true on SIGINT or SIGTERM; SIGHUP reloads the config.
 pub fn signals(gw: Arc<Gateway>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
+    // Registered before this returns (and so before the ready line): an early SIGTERM stops it gracefully.
+    #[cfg(unix)]
+    let handlers = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    };
     tokio::spawn(async move {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+            let (Ok(mut term), Ok(mut hup)) = handlers else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
