@@ -49,16 +49,17 @@ impl Demo {
     pub fn misbehave(&self, mut shutdown: watch::Receiver<bool>) {
         let Some(secondary) = self.mocks.get(1).cloned() else { return };
         tokio::spawn(async move {
-            let script: [(u64, &str); 4] = [(40, "error_500"), (15, "ok"), (40, "slow"), (15, "ok")];
+            use mock::FaultMode::{Error500, Ok, Slow};
+            let script = [(40, Error500, "error_500"), (15, Ok, "ok"), (40, Slow, "slow"), (15, Ok, "ok")];
             loop {
-                for (secs, mode) in script {
+                for (secs, mode, name) in script {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
                         _ = shutdown.changed() => return,
                     }
-                    let faults = mock::Faults { mode: mode.parse().ok(), latency_ms: Some(2500), ..Default::default() };
+                    let faults = mock::Faults { mode: Some(mode), latency_ms: Some(2500), ..Default::default() };
                     secondary.set_faults(faults);
-                    tracing::info!(endpoint = "secondary", mode, "demo: simulated upstream changes behaviour");
+                    tracing::info!(endpoint = "secondary", mode = name, "demo: simulated upstream changes behaviour");
                 }
             }
         });
