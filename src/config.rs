@@ -197,6 +197,15 @@ pub enum ModelKind {
     Embeddings,
 }
 
+/// When a hedged second attempt starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeAfter {
+    /// After a fixed delay.
+    Fixed(Duration),
+    /// After the 95th percentile latency of the first endpoint (no hedge until it has history).
+    P95,
+}
+
 /// One `[[models]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -214,6 +223,8 @@ pub struct ModelConfig {
     pub kind: ModelKind,
     /// A static answer given, marked as such, when nothing can serve.
     pub static_fallback: Option<String>,
+    /// Hedged requests: start a second attempt elsewhere when the first is this late.
+    pub hedge_after: Option<HedgeAfter>,
 }
 
 impl Config {
@@ -314,6 +325,7 @@ struct RawModel {
     fallbacks: Vec<S>,
     kind: Option<ModelKind>,
     static_fallback: Option<S>,
+    hedge_after: Option<S>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -692,6 +704,19 @@ impl Validator<'_> {
             }
         };
         let fallbacks = m.fallbacks.iter().map(|s| self.string(s, &k("fallbacks"))).collect::<Result<_, _>>()?;
+        let hedge_after = match &m.hedge_after {
+            None => None,
+            Some(s) => {
+                let v = self.string(s, &k("hedge_after"))?;
+                if v.trim() == "p95" {
+                    Some(HedgeAfter::P95)
+                } else {
+                    let d = parse_duration(&v)
+                        .map_err(|e| self.err(Some(s.span()), k("hedge_after"), format!("{e} (or \"p95\")")))?;
+                    Some(HedgeAfter::Fixed(d))
+                }
+            }
+        };
         let static_fallback = m.static_fallback.as_ref().map(|s| self.string(s, &k("static_fallback"))).transpose()?;
         Ok(ModelConfig {
             name,
@@ -701,6 +726,7 @@ impl Validator<'_> {
             fallbacks,
             kind: m.kind.unwrap_or(ModelKind::Chat),
             static_fallback,
+            hedge_after,
         })
     }
 }

@@ -271,21 +271,19 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
                 Plan::WaitBreaker(t) => t,
                 Plan::SkipLiveOk => now + jittered(every, &mut rng),
                 Plan::Probe => {
-                    let trial = match state {
-                        BreakerState::Closed => false,
+                    match state {
+                        BreakerState::Closed => {}
                         _ => match pair.admit(&rt.breaker, now) {
-                            Admission::Trial | Admission::Admitted => true,
+                            Admission::Trial | Admission::Admitted => {}
                             // Live trials are in flight: they decide; check again soon.
                             Admission::Rejected => {
                                 pair.next_probe_ms.store(now + 200, Ordering::Relaxed);
                                 continue;
                             }
                         },
-                    };
+                    }
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        if trial {
-                            pair.record(Outcome::Neutral, true, Source::Probe, &rt.breaker, &rt.policy, now);
-                        }
+                        pair.record(rt, Outcome::Neutral, now, Source::Probe, e.keys.has_usable(), now);
                         continue;
                     };
                     let (gw, rt, e, pair) = (gw.clone(), rt.clone(), e.clone(), pair.clone());
@@ -296,22 +294,12 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
                             Ok(k) => k.map(|(_, h)| h.clone()),
                             Err(()) => {
                                 // No usable key: the key re-test decides; nothing to probe with.
-                                if trial {
-                                    pair.record(
-                                        Outcome::Neutral,
-                                        true,
-                                        Source::Probe,
-                                        &rt.breaker,
-                                        &rt.policy,
-                                        gw.now_ms(),
-                                    );
-                                }
-                                pair.refresh_status(&rt.policy, false);
+                                pair.record(&rt, Outcome::Neutral, now, Source::Probe, false, gw.now_ms());
                                 return;
                             }
                         };
                         let r = probe(&e.client, &e, &pair, &upstream_model, &rt.config.health, auth).await;
-                        apply_probe(&gw, &rt, &e, &pair, &r, trial);
+                        apply_probe(&gw, &rt, &e, &pair, &r, now);
                     });
                     now + jittered(every, &mut rng)
                 }
@@ -324,7 +312,7 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
     next_wake
 }
 
-fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeResult, trial: bool) {
+fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeResult, started_ms: u64) {
     let now = gw.now_ms();
     pair.metrics.probe_duration.observe(r.total_ms / 1000.0);
     pair.metrics.probe(r.ok);
@@ -346,10 +334,7 @@ fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeR
     if !r.ok {
         tracing::debug!(endpoint = %e.cfg.name, model = %pair.model, error = r.error.as_deref().unwrap_or(""), "probe failed");
     }
-    pair.record(outcome, trial, Source::Probe, &rt.breaker, &rt.policy, now);
-    if r.auth_failed {
-        pair.refresh_status(&rt.policy, e.keys.has_usable());
-    }
+    pair.record(rt, outcome, started_ms, Source::Probe, e.keys.has_usable(), now);
 }
 
 /// Re-test keys set aside for 401/403 once per idle interval; a key that works again comes back.

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,11 +21,11 @@ use tokio::time::{Instant, Sleep};
 
 use crate::balance::Candidate;
 use crate::breaker::Admission;
-use crate::config::ModelKind;
+use crate::config::{HedgeAfter, ModelKind};
 use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, RequestInfo, Usage};
 use crate::retry::{self, Backoff, Verdict};
-use crate::state::{Member, Model, Outcome, Pair, Runtime, Source};
+use crate::state::{Endpoint, Member, Model, Outcome, Pair, Runtime, Source};
 
 /// Response header: the endpoint that served.
 pub const H_ENDPOINT: HeaderName = HeaderName::from_static("x-sheepdog-endpoint");
@@ -224,8 +224,9 @@ thread_local! {
     static CANDIDATES: std::cell::RefCell<Vec<Candidate>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Pick a member of `model` not yet tried in this pass, and admit it through its breaker.
-fn pick(ctx: &Ctx<'_>, model: &Model, tried: &mut Vec<(usize, usize)>, mi: usize) -> Option<(usize, bool)> {
+/// Pick a member of `model` not yet tried in this pass and admit it through its breaker: its index and the
+/// admission time (the breaker judges the attempt's answer against it).
+fn pick(ctx: &Ctx<'_>, model: &Model, tried: &mut Vec<(usize, usize)>, mi: usize) -> Option<(usize, u64)> {
     let now = ctx.gw.now_ms();
     let slow = ctx.rt.config.health.slow_start.as_millis() as u64;
     loop {
@@ -237,8 +238,7 @@ fn pick(ctx: &Ctx<'_>, model: &Model, tried: &mut Vec<(usize, usize)>, mi: usize
         tried.push((mi, idx));
         let pair = &model.members[idx].pair;
         match pair.admit(&ctx.rt.breaker, now) {
-            Admission::Admitted => return Some((idx, false)),
-            Admission::Trial => return Some((idx, true)),
+            Admission::Admitted | Admission::Trial => return Some((idx, now)),
             Admission::Rejected => continue,
         }
     }
@@ -263,10 +263,19 @@ async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, A
                 if Instant::now() >= ctx.deadline {
                     break 'passes;
                 }
-                let Some((idx, trial)) = pick(ctx, m, &mut tried, mi) else { break };
+                let Some((idx, admitted_ms)) = pick(ctx, m, &mut tried, mi) else { break };
                 attempts += 1;
+                let hedge = if attempts == 1 { hedge_delay(m, &m.members[idx]) } else { None };
+                let (result, idx) = match hedge {
+                    None => (attempt(ctx, m, &m.members[idx], admitted_ms).await, idx),
+                    Some(delay) => {
+                        let can_hedge = attempts < retry_cfg.max_attempts;
+                        hedged(ctx, m, mi, (idx, admitted_ms), delay, can_hedge, &mut tried, &mut attempts, &mut errors)
+                            .await
+                    }
+                };
                 let member = &m.members[idx];
-                match attempt(ctx, m, member, trial).await {
+                match result {
                     AttemptResult::Served(mut resp) => {
                         finish_headers(&mut resp, &member.endpoint.cfg.name, &m.cfg.name, attempts);
                         if attempts > 1 {
@@ -312,6 +321,59 @@ async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, A
         return Ok(static_fallback(ctx, model, text, attempts));
     }
     Err(exhausted(ctx, model, attempts, &errors, &chain))
+}
+
+/// How long the first attempt may take before a hedged second one starts, if the model hedges.
+fn hedge_delay(model: &Model, member: &Member) -> Option<Duration> {
+    match model.cfg.hedge_after? {
+        HedgeAfter::Fixed(d) => Some(d),
+        HedgeAfter::P95 => member.pair.p95_ms().map(|ms| Duration::from_secs_f64(ms.max(1.0) / 1000.0)),
+    }
+}
+
+/// Run the first attempt; if it has not answered after `delay`, start a second on another member. The first
+/// answer wins; the other attempt is dropped, which closes its upstream connection. A failure of one waits for
+/// the other. Returns the result and the member that produced it.
+#[allow(clippy::too_many_arguments)]
+async fn hedged(
+    ctx: &Ctx<'_>,
+    m: &Model,
+    mi: usize,
+    (idx, admitted_ms): (usize, u64),
+    delay: Duration,
+    can_hedge: bool,
+    tried: &mut Vec<(usize, usize)>,
+    attempts: &mut u32,
+    errors: &mut Vec<AttemptError>,
+) -> (AttemptResult, usize) {
+    let first = attempt(ctx, m, &m.members[idx], admitted_ms);
+    tokio::pin!(first);
+    tokio::select! {
+        r = &mut first => return (r, idx),
+        _ = tokio::time::sleep(delay), if can_hedge => {}
+    }
+    let Some((idx2, admitted2)) = pick(ctx, m, tried, mi) else { return (first.await, idx) };
+    *attempts += 1;
+    tracing::debug!(model = %m.cfg.name, first = %m.members[idx].endpoint.cfg.name,
+        second = %m.members[idx2].endpoint.cfg.name, "hedging a slow attempt");
+    let second = attempt(ctx, m, &m.members[idx2], admitted2);
+    tokio::pin!(second);
+    tokio::select! {
+        r = &mut first => match r {
+            AttemptResult::Failed(e) => {
+                errors.push(e);
+                (second.await, idx2)
+            }
+            r => (r, idx),
+        },
+        r = &mut second => match r {
+            AttemptResult::Failed(e) => {
+                errors.push(e);
+                (first.await, idx)
+            }
+            r => (r, idx2),
+        },
+    }
 }
 
 /// Wait up to `queue_timeout` for any member of the chain to be able to serve. False when none recovered.
@@ -444,10 +506,9 @@ fn ms_since(t: Instant) -> f64 {
 }
 
 /// One attempt on one member: send, wait for the first byte, classify, and build the client's response.
-async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, trial: bool) -> AttemptResult {
+async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64) -> AttemptResult {
     let ep = &member.endpoint;
     let pair = &member.pair;
-    let rt = ctx.rt;
     let now = ctx.gw.now_ms();
     pair.last_traffic_ms.store(now, Ordering::Relaxed);
     let fail = |what: String, kind: FailKind, retry_after_ms: Option<u64>| {
@@ -459,7 +520,8 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, trial: bool) -> 
             retry_after_ms,
         })
     };
-    let record = |o: Outcome| pair.record(o, trial, Source::Live, &rt.breaker, &rt.policy, ctx.gw.now_ms());
+    let guard = AttemptGuard { ctx, pair, ep, admitted_ms, done: AtomicBool::new(false) };
+    let record = |o: Outcome| guard.record(o);
     let body = openai::rewrite_model(ctx.body, ctx.info, &member.upstream_model);
     let started = Instant::now();
     let first_byte_by = (started + ep.cfg.first_byte_timeout).min(ctx.deadline);
@@ -575,11 +637,13 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, trial: bool) -> 
         };
         let ttfb = started.elapsed();
         pair.metrics.ttft.observe(ttfb.as_secs_f64());
+        guard.hand_over();
         let acct = Accounting {
             gw: ctx.gw.clone(),
             rt: ctx.rt.clone(),
             pair: pair.clone(),
-            trial,
+            endpoint: ep.clone(),
+            admitted_ms,
             started,
             ttfb_ms: ttfb.as_secs_f64() * 1000.0,
             input_price: model.cfg.input_usd_per_mtok,
@@ -632,6 +696,36 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, trial: bool) -> 
     }
 }
 
+/// Reports an attempt's outcome exactly once; an attempt dropped before its verdict (the loser of a hedge, a
+/// client that went away) releases its breaker trial instead of holding it.
+struct AttemptGuard<'a> {
+    ctx: &'a Ctx<'a>,
+    pair: &'a Pair,
+    ep: &'a Endpoint,
+    admitted_ms: u64,
+    done: AtomicBool,
+}
+
+impl AttemptGuard<'_> {
+    fn record(&self, o: Outcome) {
+        if !self.done.swap(true, Ordering::Relaxed) {
+            let now = self.ctx.gw.now_ms();
+            self.pair.record(self.ctx.rt, o, self.admitted_ms, Source::Live, self.ep.keys.has_usable(), now);
+        }
+    }
+
+    /// The stream relay's accounting reports from here on.
+    fn hand_over(&self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for AttemptGuard<'_> {
+    fn drop(&mut self) {
+        self.record(Outcome::Neutral);
+    }
+}
+
 fn connect_error_text(e: &hyper_util::client::legacy::Error) -> String {
     let mut s = String::from(if e.is_connect() { "connection failed" } else { "connection error" });
     let mut src = std::error::Error::source(e);
@@ -661,7 +755,8 @@ struct Accounting {
     gw: Arc<Gateway>,
     rt: Arc<Runtime>,
     pair: Arc<Pair>,
-    trial: bool,
+    endpoint: Arc<Endpoint>,
+    admitted_ms: u64,
     started: Instant,
     ttfb_ms: f64,
     input_price: f64,
@@ -681,7 +776,8 @@ impl Accounting {
         if let Some(u) = self.usage {
             account_tokens(&self.pair, self.input_price, self.output_price, u);
         }
-        self.pair.record(outcome, self.trial, Source::Live, &self.rt.breaker, &self.rt.policy, self.gw.now_ms());
+        let usable = self.endpoint.keys.has_usable();
+        self.pair.record(&self.rt, outcome, self.admitted_ms, Source::Live, usable, self.gw.now_ms());
     }
 }
 

@@ -169,25 +169,26 @@ impl Pair {
         a
     }
 
-    /// Apply an outcome (live or probe) to breaker, history, latency average, status and gauges.
+    /// Apply an outcome (live or probe) of an attempt admitted at `started_ms` to breaker, history, latency
+    /// average, status and gauges. The breaker ignores answers to attempts that began before its current state
+    /// (a slow request from before an outage cannot close or reopen a half-open breaker).
     pub fn record(
         &self,
+        rt: &Runtime,
         outcome: Outcome,
-        trial: bool,
+        started_ms: u64,
         source: Source,
-        cfg: &BreakerConfig,
-        policy: &StatusPolicy,
+        has_usable_key: bool,
         now_ms: u64,
     ) {
+        let cfg = &rt.breaker;
         let transition = {
             let mut b = self.breaker.lock();
             match outcome {
-                Outcome::Success(_) => b.record_success(cfg, now_ms),
-                Outcome::Failure(_) => b.record_failure(cfg, now_ms),
+                Outcome::Success(_) => b.record_attempt(cfg, true, started_ms, now_ms),
+                Outcome::Failure(_) => b.record_attempt(cfg, false, started_ms, now_ms),
                 Outcome::Neutral => {
-                    if trial {
-                        b.release_trial();
-                    }
+                    b.release_attempt(started_ms);
                     None
                 }
             }
@@ -195,7 +196,10 @@ impl Pair {
         let (ok, latency) = match outcome {
             Outcome::Success(l) => (true, l),
             Outcome::Failure(l) => (false, l),
-            Outcome::Neutral => return,
+            Outcome::Neutral => {
+                self.refresh_status(&rt.policy, has_usable_key);
+                return;
+            }
         };
         if ok {
             self.ewma.update(latency, now_ms);
@@ -210,7 +214,7 @@ impl Pair {
         if let Some((from, to)) = transition {
             self.on_transition(from, to, now_ms);
         }
-        self.refresh_status(policy, true);
+        self.refresh_status(&rt.policy, has_usable_key);
     }
 
     /// Recompute the cached status from history and breaker.

@@ -29,6 +29,12 @@ fn drill_config(addrs: &[(&str, std::net::SocketAddr)], strategy: &str) -> Strin
         .replace("timeout = \"1s\"\n\n[breaker]", "timeout = \"1s\"\nprobe = \"models\"\n\n[breaker]")
 }
 
+/// Probes once at start only, so that they cannot open a breaker before the request under test.
+fn quiet(cfg: String) -> String {
+    cfg.replace("interval = \"300ms\"", "interval = \"60s\"")
+        .replace("idle_interval = \"1s\"", "idle_interval = \"60s\"")
+}
+
 fn chat_count(stats: &serde_json::Value) -> u64 {
     stats["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0)
 }
@@ -177,9 +183,15 @@ async fn stream_failing_before_first_chunk_fails_over_transparently() {
     let _serial = SERIAL.lock().await;
     let a = mock("a", "gpt-4.1", &[]);
     let b = mock("b", "gpt-4.1", &[]);
+    // Probes only once at start: a probe seeing the fault first would (rightly) steer the request away from `a`.
     let cfg = drill_config(&[("a", a.addr), ("b", b.addr)], "priority")
         .replace("name = \"b\"\n", "name = \"b\"\npriority = 1\n");
+    let cfg = quiet(cfg);
     let gw = gateway(&cfg, &[]);
+    eventually(Duration::from_secs(5), "a probed", || async {
+        pair_status(&gw, "a", "gpt-4.1").await["status"] == "healthy"
+    })
+    .await;
     faults(&a, r#"{"mode":"reset"}"#).await;
     let body = r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let s = stream(&gw.url("/v1/chat/completions"), body).await;
@@ -195,7 +207,7 @@ async fn stream_failing_before_first_chunk_fails_over_transparently() {
 async fn stream_breaking_mid_way_ends_with_an_sse_error_event() {
     let _serial = SERIAL.lock().await;
     let a = mock("a", "gpt-4.1", &["--tokens-per-sec", "50"]);
-    let gw = gateway(&drill_config(&[("a", a.addr)], "priority"), &[]);
+    let gw = gateway(&quiet(drill_config(&[("a", a.addr)], "priority")), &[]);
     faults(&a, r#"{"mode":"break_stream"}"#).await;
     let body = r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let started = Instant::now();
@@ -216,7 +228,7 @@ async fn nothing_can_serve_gives_503_naming_every_attempt() {
     let _serial = SERIAL.lock().await;
     let a = mock("a", "gpt-4.1", &[]);
     let b = mock("b", "gpt-4.1", &[]);
-    let gw = gateway(&drill_config(&[("a", a.addr), ("b", b.addr)], "weighted_round_robin"), &[]);
+    let gw = gateway(&quiet(drill_config(&[("a", a.addr), ("b", b.addr)], "weighted_round_robin")), &[]);
     faults(&a, r#"{"mode":"error_500"}"#).await;
     faults(&b, r#"{"mode":"error_500"}"#).await;
     let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
@@ -224,4 +236,43 @@ async fn nothing_can_serve_gives_503_naming_every_attempt() {
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("a/gpt-4.1: HTTP 500") && msg.contains("b/gpt-4.1: HTTP 500"), "{msg}");
     assert!(r.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn hedged_request_takes_the_first_answer_and_cancels_the_other() {
+    let _serial = SERIAL.lock().await;
+    let slow = mock("slow", "gpt-4.1", &["--latency-ms", "1200"]);
+    let fast = mock("fast", "gpt-4.1", &["--latency-ms", "5"]);
+    let cfg = config(
+        &[
+            ("slow", slow.addr, "priority = 0\nmodels = [\"gpt-4.1\"]"),
+            ("fast", fast.addr, "priority = 1\nmodels = [\"gpt-4.1\"]"),
+        ],
+        &model("gpt-4.1", "strategy = \"priority\"\nhedge_after = \"100ms\""),
+        "",
+    )
+    .replace("interval = \"300ms\"", "interval = \"60s\"")
+    .replace("idle_interval = \"1s\"", "idle_interval = \"60s\"")
+    .replace("timeout = \"1s\"", "timeout = \"3s\"");
+    let gw = gateway(&cfg, &[]);
+    eventually(Duration::from_secs(5), "slow probed healthy", || async {
+        pair_status(&gw, "slow", "gpt-4.1").await["status"] == "healthy"
+    })
+    .await;
+    let started = Instant::now();
+    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-sheepdog-endpoint").as_deref(), Some("fast"));
+    assert_eq!(r.header("x-sheepdog-attempts").as_deref(), Some("2"));
+    assert!(took < Duration::from_millis(700), "hedge did not cut the wait: {took:?}");
+    // The slow attempt reached its upstream and was cancelled: its connection closed long before its answer.
+    assert!(chat_count(&mock_stats(&slow).await) >= 1);
+    eventually(Duration::from_millis(500), "slow attempt cancelled", || async {
+        mock_stats(&slow).await["in_flight"].as_u64() == Some(0)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_millis(1200), "cancelled only when it would have finished anyway");
+    // A cancelled attempt is no verdict on the endpoint.
+    assert_eq!(breaker(&gw, "slow").await, "closed");
 }
