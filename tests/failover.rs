@@ -276,3 +276,97 @@ async fn hedged_request_takes_the_first_answer_and_cancels_the_other() {
     // A cancelled attempt is no verdict on the endpoint.
     assert_eq!(breaker(&gw, "slow").await, "closed");
 }
+
+#[tokio::test]
+async fn fallback_model_serves_when_the_model_cannot_and_client_errors_are_not_retried() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "claude-sonnet-4.5", &[]);
+    let cfg = quiet(config(
+        &[("a", a.addr, "models = [\"gpt-4.1\"]"), ("b", b.addr, "models = [\"claude-sonnet-4.5\"]")],
+        &(model("gpt-4.1", "fallbacks = [\"claude-sonnet-4.5\"]") + &model("claude-sonnet-4.5", "")),
+        "",
+    ));
+    let gw = gateway(&cfg, &[]);
+    faults(&a, r#"{"mode":"error_500"}"#).await;
+    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-sheepdog-model").as_deref(), Some("claude-sonnet-4.5"));
+    assert_eq!(r.header("x-sheepdog-endpoint").as_deref(), Some("b"));
+    assert_eq!(r.header("x-sheepdog-attempts").as_deref(), Some("2"));
+    let metrics = get(&gw.url("/metrics")).await.text();
+    assert!(metrics.contains("sheepdog_failovers_total{model=\"gpt-4.1\"} 1"), "{metrics}");
+
+    // The upstream refuses the request itself (its model is unknown there: 404): returned at once, not retried.
+    faults(&a, r#"{"mode":"ok"}"#).await;
+    let cfg2 = cfg.replace("models = [\"gpt-4.1\"]", "models = { \"gpt-4.1\" = \"not-served-upstream\" }");
+    let gw2 = gateway(&cfg2, &[]);
+    eventually(Duration::from_secs(5), "gw2's start-up probes done", || async {
+        pair_status(&gw2, "a", "gpt-4.1").await["checks"].as_u64() >= Some(1)
+            && pair_status(&gw2, "b", "claude-sonnet-4.5").await["checks"].as_u64() >= Some(1)
+    })
+    .await;
+    let before = chat_count(&mock_stats(&a).await);
+    let before_b = chat_count(&mock_stats(&b).await);
+    let r = post(&gw2.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    assert_eq!(r.header("x-sheepdog-attempts").as_deref(), Some("1"));
+    assert_eq!(chat_count(&mock_stats(&a).await) - before, 1, "a client error must not be retried");
+    assert_eq!(chat_count(&mock_stats(&b).await), before_b, "nor sent to a fallback");
+}
+
+#[tokio::test]
+async fn a_request_waits_in_the_queue_for_a_short_outage_instead_of_failing() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let cfg = drill_config(&[("a", a.addr)], "priority")
+        .replace("deadline = \"10s\"", "deadline = \"10s\"\nqueue_timeout = \"5s\"");
+    let gw = gateway(&cfg, &[]);
+    faults(&a, r#"{"mode":"error_500"}"#).await;
+    eventually(Duration::from_secs(10), "breaker open", || async { breaker(&gw, "a").await == "open" }).await;
+    let url = gw.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move {
+        let t = Instant::now();
+        (post(&url, &chat("gpt-4.1")).await, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    faults(&a, r#"{"mode":"ok"}"#).await;
+    let (r, took) = waiting.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(took >= Duration::from_millis(250), "it waited for the recovery: {took:?}");
+}
+
+#[tokio::test]
+async fn probes_are_priced_and_global_degraded_turns_on_when_most_pairs_are_down() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "gpt-4.1", &[]);
+    let c = mock("c", "gpt-4.1", &[]);
+    // Chat probes (the default), so they use tokens.
+    let cfg = drill_config(&[("a", a.addr), ("b", b.addr), ("c", c.addr)], "weighted_round_robin")
+        .replace("probe = \"models\"\n", "");
+    let gw = gateway(&cfg, &[]);
+    eventually(Duration::from_secs(5), "probe cost counted", || async {
+        let m = get(&gw.url("/metrics")).await.text();
+        m.lines().any(|l| {
+            l.starts_with("sheepdog_cost_usd_total{endpoint=\"a\",model=\"gpt-4.1\",source=\"probe\"}")
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+        })
+    })
+    .await;
+    assert!(get(&gw.url("/metrics")).await.text().contains("sheepdog_global_degraded 0"));
+    faults(&a, r#"{"mode":"error_500"}"#).await;
+    faults(&b, r#"{"mode":"error_500"}"#).await;
+    eventually(Duration::from_secs(10), "global degraded", || async {
+        get(&gw.url("/metrics")).await.text().contains("sheepdog_global_degraded 1")
+            && get(&gw.url("/status")).await.json()["global"]["degraded"] == true
+    })
+    .await;
+    eventually(Duration::from_secs(2), "an error is logged", || async {
+        gw.proc.stderr().contains("more than half of all endpoint/model pairs cannot serve")
+    })
+    .await;
+    // The remaining endpoint still serves.
+    assert_eq!(post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await.status, 200);
+}
