@@ -524,6 +524,12 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
     let record = |o: Outcome| guard.record(o);
     let body = openai::rewrite_model(ctx.body, ctx.info, &member.upstream_model);
     let started = Instant::now();
+    // A failure that is the endpoint's fault: count its status label, tell the breaker, describe it.
+    let failed = |label: &'static str, what: String, kind: FailKind, retry_after_ms: Option<u64>| {
+        pair.metrics.request(&ctx.gw.metrics, label);
+        record(Outcome::Failure(ms_since(started)));
+        fail(what, kind, retry_after_ms)
+    };
     let first_byte_by = (started + ep.cfg.first_byte_timeout).min(ctx.deadline);
     let end_by = (started + ep.cfg.timeout).min(ctx.deadline);
     // 401/403 set the key aside and the same endpoint is tried at once with the next key.
@@ -547,15 +553,11 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
         };
         let resp = match tokio::time::timeout_at(first_byte_by, ep.client.request(req)).await {
             Err(_) => {
-                pair.metrics.request(&ctx.gw.metrics, "timeout");
-                record(Outcome::Failure(ms_since(started)));
                 let what = format!("timeout: no answer within {} ms", (first_byte_by - started).as_millis());
-                return fail(what, FailKind::Timeout, None);
+                return failed("timeout", what, FailKind::Timeout, None);
             }
             Ok(Err(e)) => {
-                pair.metrics.request(&ctx.gw.metrics, "error");
-                record(Outcome::Failure(ms_since(started)));
-                return fail(connect_error_text(&e), FailKind::Other, None);
+                return failed("error", connect_error_text(&e), FailKind::Other, None);
             }
             Ok(Ok(r)) => r,
         };
@@ -597,15 +599,13 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             return AttemptResult::ClientError(Response::from_parts(parts, Body::full(bytes)));
         }
         Verdict::RateLimited | Verdict::Retriable | Verdict::AuthError => {
-            pair.metrics.request(&ctx.gw.metrics, label);
-            record(Outcome::Failure(ms_since(started)));
             let retry_after = resp
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| retry::parse_retry_after(v, unix_now()));
             let kind = if verdict == Verdict::RateLimited { FailKind::RateLimited } else { FailKind::Other };
-            return fail(format!("HTTP {}", status.as_u16()), kind, retry_after);
+            return failed(label, format!("HTTP {}", status.as_u16()), kind, retry_after);
         }
     }
     let (mut parts, mut upstream) = resp.into_parts();
@@ -615,19 +615,13 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
         let first = loop {
             match tokio::time::timeout_at(first_byte_by, upstream.frame()).await {
                 Err(_) => {
-                    pair.metrics.request(&ctx.gw.metrics, "timeout");
-                    record(Outcome::Failure(ms_since(started)));
-                    return fail("timeout: stream sent no chunk in time".into(), FailKind::Timeout, None);
+                    return failed("timeout", "timeout: stream sent no chunk in time".into(), FailKind::Timeout, None);
                 }
                 Ok(None) => {
-                    pair.metrics.request(&ctx.gw.metrics, "error");
-                    record(Outcome::Failure(ms_since(started)));
-                    return fail("stream ended before its first chunk".into(), FailKind::Garbage, None);
+                    return failed("error", "stream ended before its first chunk".into(), FailKind::Garbage, None);
                 }
                 Ok(Some(Err(_))) => {
-                    pair.metrics.request(&ctx.gw.metrics, "error");
-                    record(Outcome::Failure(ms_since(started)));
-                    return fail("stream broke before its first chunk".into(), FailKind::Other, None);
+                    return failed("error", "stream broke before its first chunk".into(), FailKind::Other, None);
                 }
                 Ok(Some(Ok(f))) => match f.into_data() {
                     Ok(d) if !d.is_empty() => break d,
@@ -665,24 +659,16 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
     }
     let collected = match tokio::time::timeout_at(end_by, Limited::new(upstream, MAX_ANSWER_BYTES).collect()).await {
         Err(_) => {
-            pair.metrics.request(&ctx.gw.metrics, "timeout");
-            record(Outcome::Failure(ms_since(started)));
-            return fail("timeout while reading the answer".into(), FailKind::Timeout, None);
+            return failed("timeout", "timeout while reading the answer".into(), FailKind::Timeout, None);
         }
         Ok(Err(_)) => {
-            pair.metrics.request(&ctx.gw.metrics, "error");
-            record(Outcome::Failure(ms_since(started)));
-            return fail("connection broke while reading the answer".into(), FailKind::Other, None);
+            return failed("error", "connection broke while reading the answer".into(), FailKind::Other, None);
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
     let elapsed = started.elapsed();
     match openai::answer_usage(&collected) {
-        Err(_) => {
-            pair.metrics.request(&ctx.gw.metrics, "502");
-            record(Outcome::Failure(ms_since(started)));
-            fail("answered with something that is not JSON".into(), FailKind::Garbage, None)
-        }
+        Err(_) => failed("502", "answered with something that is not JSON".into(), FailKind::Garbage, None),
         Ok(usage) => {
             pair.metrics.request(&ctx.gw.metrics, label);
             pair.metrics.request_duration.observe(elapsed.as_secs_f64());
