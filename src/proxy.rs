@@ -48,15 +48,6 @@ pub enum Api {
     Embeddings,
 }
 
-impl Api {
-    fn path(self) -> &'static str {
-        match self {
-            Api::Chat => "/chat/completions",
-            Api::Embeddings => "/embeddings",
-        }
-    }
-}
-
 /// The response body of the gateway: a whole buffer, or an upstream stream relayed frame by frame.
 pub enum Body {
     /// A complete body.
@@ -277,14 +268,14 @@ async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, A
                 let member = &m.members[idx];
                 match result {
                     AttemptResult::Served(mut resp) => {
-                        finish_headers(&mut resp, &member.endpoint.cfg.name, &m.cfg.name, attempts);
+                        finish_headers(&mut resp, &member.endpoint.name_header, &m.name_header, attempts);
                         if attempts > 1 {
                             ctx.gw.metrics.failover(&model.cfg.name);
                         }
                         return Ok(resp);
                     }
                     AttemptResult::ClientError(mut resp) => {
-                        finish_headers(&mut resp, &member.endpoint.cfg.name, &m.cfg.name, attempts);
+                        finish_headers(&mut resp, &member.endpoint.name_header, &m.name_header, attempts);
                         return Ok(resp);
                     }
                     AttemptResult::Failed(e) => {
@@ -397,14 +388,10 @@ async fn wait_for_candidate(ctx: &Ctx<'_>, chain: &[&Arc<Model>]) -> bool {
     }
 }
 
-fn finish_headers(resp: &mut Response<Body>, endpoint: &str, model: &str, attempts: u32) {
+fn finish_headers(resp: &mut Response<Body>, endpoint: &HeaderValue, model: &HeaderValue, attempts: u32) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(endpoint) {
-        h.insert(H_ENDPOINT, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(model) {
-        h.insert(H_MODEL, v);
-    }
+    h.insert(H_ENDPOINT, endpoint.clone());
+    h.insert(H_MODEL, model.clone());
     h.insert(H_ATTEMPTS, HeaderValue::from(attempts));
 }
 
@@ -421,7 +408,7 @@ fn static_fallback(ctx: &Ctx<'_>, model: &Model, text: &str, attempts: u32) -> R
     let mut r = Response::new(Body::full(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     r.headers_mut().insert(H_STATIC, HeaderValue::from_static("true"));
-    finish_headers(&mut r, "static", &model.cfg.name, attempts);
+    finish_headers(&mut r, &HeaderValue::from_static("static"), &model.name_header, attempts);
     r
 }
 
@@ -475,7 +462,7 @@ fn exhausted(ctx: &Ctx<'_>, model: &Model, attempts: u32, errors: &[AttemptError
 
 /// Hop-by-hop and framing headers that are not relayed from upstream answers.
 fn strip_headers(h: &mut HeaderMap) {
-    for n in [
+    static HOP: [HeaderName; 9] = [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::CONTENT_LENGTH,
@@ -485,8 +472,16 @@ fn strip_headers(h: &mut HeaderMap) {
         header::PROXY_AUTHENTICATE,
         header::SET_COOKIE,
         HeaderName::from_static("keep-alive"),
-    ] {
-        h.remove(n);
+    ];
+    // One pass over the (few) upstream headers; names compare without hashing.
+    let mut present = [false; 9];
+    for name in h.keys() {
+        if let Some(i) = HOP.iter().position(|x| x == name) {
+            present[i] = true;
+        }
+    }
+    for (hop, _) in HOP.iter().zip(present).filter(|(_, p)| *p) {
+        h.remove(hop);
     }
 }
 
@@ -541,9 +536,18 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
                 return fail("no usable API key (all answered 401/403)".into(), FailKind::Other, None);
             }
         };
-        let mut req = Request::post(ep.base.join(ctx.api.path()))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, if ctx.info.stream { "text/event-stream" } else { "application/json" });
+        let uri = match ctx.api {
+            Api::Chat => ep.chat_uri.clone(),
+            Api::Embeddings => ep.embeddings_uri.clone(),
+        };
+        // Host is set here from a value built once, so the client does not format it per request.
+        let mut req = Request::post(uri)
+            .header(header::HOST, ep.base.host().clone())
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(
+                header::ACCEPT,
+                HeaderValue::from_static(if ctx.info.stream { "text/event-stream" } else { "application/json" }),
+            );
         if let Some((_, h)) = &key {
             req = req.header(header::AUTHORIZATION, (*h).clone());
         }

@@ -286,6 +286,12 @@ pub struct Endpoint {
     pub cfg: EndpointConfig,
     /// Parsed base URL.
     pub base: BaseUrl,
+    /// `…/chat/completions` and `…/embeddings` under the base URL, built once.
+    pub chat_uri: http::Uri,
+    /// See `chat_uri`.
+    pub embeddings_uri: http::Uri,
+    /// The name as an `x-sheepdog-endpoint` header value.
+    pub name_header: http::HeaderValue,
     /// Pooled client (kept across reloads when the connection settings are unchanged).
     pub client: HttpClient,
     /// API keys in rotation (kept across reloads when the keys are unchanged).
@@ -321,6 +327,13 @@ pub struct Model {
     pub balancer: Balancer,
     /// The endpoints that serve it.
     pub members: Vec<Member>,
+    /// The name as an `x-sheepdog-model` header value.
+    pub name_header: http::HeaderValue,
+}
+
+/// A name as a header value (names that are not valid header text become empty).
+fn header_value(s: &str) -> http::HeaderValue {
+    http::HeaderValue::from_str(s).unwrap_or_else(|_| http::HeaderValue::from_static(""))
 }
 
 /// An immutable snapshot of configuration plus handles to live state; swapped whole on reload.
@@ -373,9 +386,13 @@ impl Runtime {
                     }
                 })
                 .collect();
+            let base = BaseUrl::parse(&e.base_url).unwrap_or_else(|| unreachable!("validated by config"));
             endpoints.push(Arc::new(Endpoint {
                 cfg: e.clone(),
-                base: BaseUrl::parse(&e.base_url).unwrap_or_else(|| unreachable!("validated by config")),
+                chat_uri: base.join("/chat/completions"),
+                embeddings_uri: base.join("/embeddings"),
+                name_header: header_value(&e.name),
+                base,
                 client,
                 keys,
                 enabled,
@@ -404,7 +421,10 @@ impl Runtime {
                 })
                 .collect();
             let balancer = Balancer::new(m.strategy, members.len());
-            models.insert(m.name.clone(), Arc::new(Model { cfg: m.clone(), balancer, members }));
+            models.insert(
+                m.name.clone(),
+                Arc::new(Model { cfg: m.clone(), balancer, members, name_header: header_value(&m.name) }),
+            );
         }
         let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
         let models_json = crate::openai::model_list(&names, 1_735_689_600);

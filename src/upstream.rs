@@ -43,6 +43,7 @@ pub struct BaseUrl {
     scheme: Scheme,
     authority: Authority,
     prefix: String,
+    host: HeaderValue,
 }
 
 impl BaseUrl {
@@ -58,7 +59,18 @@ impl BaseUrl {
         }
         let authority = uri.authority()?.clone();
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Some(BaseUrl { scheme, authority, prefix })
+        // The `Host` header, computed once: the authority without a port that is the scheme's default.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(p) if p == default_port => HeaderValue::from_str(authority.host()).ok()?,
+            _ => HeaderValue::from_str(authority.as_str()).ok()?,
+        };
+        Some(BaseUrl { scheme, authority, prefix, host })
+    }
+
+    /// The `Host` header value for requests to this endpoint.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
     }
 
     /// The URI of `path` (which starts with `/`) under the prefix: `/chat/completions` -> `…/v1/chat/completions`.
@@ -211,6 +223,9 @@ mod tests {
         assert_eq!(b.host_port(), ("api.example.com".to_string(), 443));
         let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
         assert_eq!(b.join("/models").to_string(), "http://127.0.0.1:9000/models");
+        assert_eq!(b.host(), "127.0.0.1:9000");
+        assert_eq!(BaseUrl::parse("https://api.example.com:443/v1").unwrap().host(), "api.example.com");
+        assert_eq!(BaseUrl::parse("http://[::1]:8080/v1").unwrap().host(), "[::1]:8080");
         assert!(BaseUrl::parse("ftp://x").is_none());
         assert!(BaseUrl::parse("not a url").is_none());
     }
