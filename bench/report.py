@@ -1,58 +1,146 @@
-"""Turn bench/out/*.json (oha output) into a Markdown table and a PNG chart of added latency.
+"""Turn bench/out (oha and loadgen JSON written by bench/run.sh) into Markdown tables and a PNG chart.
 
 Usage: python bench/report.py bench/out
-Added latency = gateway minus direct, percentile by percentile, for runs at the same rate in the same session.
+Added latency = gateway minus direct, percentile by percentile, taken per repetition (the direct run and the gateway
+run of one repetition were adjacent in time) and then the median over the 3 repetitions.
 """
 import glob
 import json
 import os
+import statistics
 import sys
 
 out = sys.argv[1] if len(sys.argv) > 1 else "bench/out"
-runs = {}
-for path in glob.glob(os.path.join(out, "*-*.json")):
-    name, rate = os.path.basename(path)[:-5].rsplit("-", 1)
-    if not rate.isdigit():
+GATEWAYS = ["sheepdog", "nginx-proxy", "litellm"]
+runs = {}  # (target, rate) -> [rep dicts in rep order]
+for path in sorted(glob.glob(os.path.join(out, "runs", "*-*-*.json"))):
+    base = os.path.basename(path)[:-5]
+    if base.startswith("stream-"):
         continue
+    target, rate, rep = base.rsplit("-", 2)
     with open(path) as f:
         d = json.load(f)
     lp = d["latencyPercentiles"]
     codes = d.get("statusCodeDistribution", {})
-    ok = codes.get("200", 0)
-    total = sum(codes.values()) or 1
-    runs[(name, int(rate))] = {
+    n = sum(codes.values())
+    cpu = None
+    if os.path.exists(path + ".cpu") and n:
+        ticks = int(open(path + ".cpu").read().strip() or 0)
+        cpu = ticks / os.sysconf("SC_CLK_TCK") / n * 1e6
+    runs.setdefault((target, int(rate)), []).append({
+        "rep": int(rep),
         "rps": d["summary"]["requestsPerSec"],
         "p50": lp["p50"] * 1000,
         "p99": lp["p99"] * 1000,
         "p999": (lp.get("p99.9") or lp["p99"]) * 1000,
-        "ok": ok / total,
-    }
+        "ok": codes.get("200", 0) / (n or 1),
+        "cpu_us": cpu,
+    })
 
-lines = ["| gateway | rate (req/s) | achieved | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | 200s |",
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def added(target, rate, key):
+    """Median over repetitions of (gateway - direct) for one percentile."""
+    g, d = runs.get((target, rate)), runs.get(("direct", rate))
+    if not g or not d:
+        return None
+    dd = {r["rep"]: r for r in d}
+    return med([r[key] - dd[r["rep"]][key] for r in g if r["rep"] in dd])
+
+
+def fmt(x, spec=".3f", plus=False):
+    if x is None:
+        return "–"
+    return f"{x:+{spec}}" if plus else f"{x:{spec}}"
+
+
+lines = ["### Fixed rates (non-streaming, ~1 KB request)", "",
+         "| rate (req/s) | target | achieved req/s | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | 200s |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-added = {}
-for (name, rate) in sorted(runs, key=lambda k: (k[1] == 0, k[1], k[0] != "direct", k[0])):
-    r = runs[(name, rate)]
-    d = runs.get(("direct", rate))
-    a50 = a99 = ""
-    if d and name != "direct":
-        a50, a99 = r["p50"] - d["p50"], r["p99"] - d["p99"]
-        added[(name, rate)] = (a50, a99)
-        a50, a99 = f"{a50:+.3f}", f"{a99:+.3f}"
-    label = "max" if rate == 0 else str(rate)
-    lines.append(f"| {name} | {label} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['p999']:.3f} | {a50} | {a99} "
-                 f"| {r['ok'] * 100:.1f} % |")
-if ("direct", 0) in runs and ("sheepdog", 0) in runs:
-    share = runs[("sheepdog", 0)]["rps"] / runs[("direct", 0)]["rps"]
-    lines.append("")
-    lines.append(f"Max throughput through sheepdog: {share * 100:.0f} % of direct.")
-for rate in sorted({r for (_, r) in added}):
-    s, l = added.get(("sheepdog", rate)), added.get(("litellm", rate))
-    if s and l and s[1] > 0:
-        lines.append(f"At {rate} req/s, LiteLLM's added p99 is {l[1] / s[1]:.0f}x sheepdog's.")
-rss = os.path.join(out, "sheepdog-rss-kb.txt")
-if os.path.exists(rss):
-    lines.append(f"sheepdog RSS after the runs: {int(open(rss).read().strip() or 0) / 1024:.1f} MB.")
+rates = sorted({r for (_, r) in runs if r != 0})
+for rate in rates:
+    for t in ["direct"] + GATEWAYS:
+        rs = runs.get((t, rate))
+        if not rs:
+            continue
+        a50 = added(t, rate, "p50") if t != "direct" else None
+        a99 = added(t, rate, "p99") if t != "direct" else None
+        lines.append(f"| {rate} | {t} | {med([r['rps'] for r in rs]):.0f} | {fmt(med([r['p50'] for r in rs]))} "
+                     f"| {fmt(med([r['p99'] for r in rs]))} | {fmt(med([r['p999'] for r in rs]))} "
+                     f"| {fmt(a50, plus=True)} | {fmt(a99, plus=True)} | {min(r['ok'] for r in rs) * 100:.1f} % |")
+
+lines += ["", "### Maximum throughput (64 connections, as fast as the target answers)", "",
+          "| target | req/s | share of direct | p50 ms | p99 ms | gateway CPU per request |",
+          "| --- | --- | --- | --- | --- | --- |"]
+direct_max = med([r["rps"] for r in runs.get(("direct", 0), [])])
+for t in ["direct"] + GATEWAYS:
+    rs = runs.get((t, 0))
+    if not rs:
+        continue
+    rps = med([r["rps"] for r in rs])
+    share = f"{rps / direct_max * 100:.0f} %" if direct_max else "–"
+    cpu = med([r["cpu_us"] for r in rs])
+    lines.append(f"| {t} | {rps:.0f} | {share} | {fmt(med([r['p50'] for r in rs]))} | {fmt(med([r['p99'] for r in rs]))} "
+                 f"| {fmt(cpu, '.1f') + ' µs' if cpu else '–'} |")
+
+streams = {}
+for path in glob.glob(os.path.join(out, "runs", "stream-*.json")):
+    with open(path) as f:
+        streams[os.path.basename(path)[len("stream-"):-5]] = json.load(f)
+if streams:
+    lines += ["", "### Streaming (1,000 concurrent streams x 200 chunks, 20 chunks/s each)", "",
+              "| target | streams ok | TTFT p50 ms | TTFT p99 ms | chunk lateness p50 ms | p99 ms | p99.9 ms "
+              "| added lateness p99 ms | RSS at 1,000 streams |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    d = streams.get("direct")
+    for t in ["direct"] + GATEWAYS:
+        s = streams.get(t)
+        if not s:
+            continue
+        lt, tt = s.get("lateness_ms", {}), s.get("ttft_ms", {})
+        a99 = (lt["p99"] - d["lateness_ms"]["p99"]) if d and t != "direct" and lt.get("p99") is not None else None
+        rss = s.get("rss_kb_at_full_concurrency")
+        lines.append(f"| {t} | {s['ok']}/{s['streams']} | {fmt(tt.get('p50'))} | {fmt(tt.get('p99'))} "
+                     f"| {fmt(lt.get('p50'))} | {fmt(lt.get('p99'))} | {fmt(lt.get('p999'))} | {fmt(a99, plus=True)} "
+                     f"| {f'{rss / 1024:.1f} MB' if rss else '–'} |")
+
+# The targets of the performance issue, checked against this run.
+checks = []
+for rate in (1000, 3000):
+    a50, a99 = added("sheepdog", rate, "p50"), added("sheepdog", rate, "p99")
+    if a50 is not None:
+        checks.append((f"added p50 at {rate} req/s <= 0.2 ms", a50 <= 0.2, f"{a50:+.3f} ms"))
+        checks.append((f"added p99 at {rate} req/s <= 0.5 ms", a99 <= 0.5, f"{a99:+.3f} ms"))
+s_max = med([r["rps"] for r in runs.get(("sheepdog", 0), [])])
+if s_max and direct_max:
+    checks.append(("max throughput >= 60 % of direct", s_max / direct_max >= 0.6, f"{s_max / direct_max * 100:.0f} %"))
+    n_max = med([r["rps"] for r in runs.get(("nginx-proxy", 0), [])])
+    if n_max:
+        checks.append(("  (reference: nginx proxy_pass, same layout)", None, f"{n_max / direct_max * 100:.0f} %"))
+for rate in rates:
+    s99, l99 = added("sheepdog", rate, "p99"), added("litellm", rate, "p99")
+    if s99 is not None and l99 is not None:
+        ratio = l99 / max(s99, 0.001)
+        checks.append((f"LiteLLM added p99 / sheepdog added p99 at {rate} req/s >= 50", ratio >= 50, f"{ratio:.0f}x"))
+if "sheepdog" in streams and "direct" in streams:
+    s, d = streams["sheepdog"], streams["direct"]
+    a = s["lateness_ms"]["p99"] - d["lateness_ms"]["p99"]
+    checks.append(("streaming per-chunk added p99 <= 0.1 ms", a <= 0.1, f"{a:+.3f} ms"))
+    rss = s.get("rss_kb_at_full_concurrency")
+    if rss:
+        checks.append(("RSS at 1,000 streams <= 64 MB", rss / 1024 <= 64, f"{rss / 1024:.1f} MB"))
+if checks:
+    lines += ["", "### Targets", "", "| target | met | this run |", "| --- | --- | --- |"]
+    for name, ok, val in checks:
+        lines.append(f"| {name} | {'–' if ok is None else ('yes' if ok else '**no**')} | {val} |")
+
+meta = os.path.join(out, "meta.txt")
+if os.path.exists(meta):
+    lines += ["", "```", open(meta).read().strip(), "```"]
 table = "\n".join(lines)
 print(table)
 with open(os.path.join(out, "table.md"), "w") as f:
@@ -64,20 +152,36 @@ try:
     import matplotlib.pyplot as plt
 except ImportError:
     sys.exit(0)
-fig, ax = plt.subplots(figsize=(8, 4))
-labels, p50s, p99s = [], [], []
-for (name, rate), (a50, a99) in sorted(added.items(), key=lambda kv: (kv[0][1] == 0, kv[0][1], kv[0][0])):
-    labels.append(f"{name}\n{'max' if rate == 0 else rate}/s")
-    p50s.append(a50)
-    p99s.append(a99)
-xs = range(len(labels))
-ax.bar([x - 0.2 for x in xs], p50s, width=0.4, label="added p50")
-ax.bar([x + 0.2 for x in xs], p99s, width=0.4, label="added p99")
-ax.set_xticks(list(xs))
-ax.set_xticklabels(labels, fontsize=8)
-ax.set_ylabel("added latency over direct (ms)")
-ax.set_yscale("symlog", linthresh=0.1)
-ax.set_title("Latency added by the gateway (lower is better)")
-ax.legend()
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+colors = {"sheepdog": "#2b7bba", "nginx-proxy": "#7f7f7f", "litellm": "#d9534f"}
+groups = [r for r in rates]
+width = 0.8 / (2 * len(GATEWAYS))
+for gi, t in enumerate(GATEWAYS):
+    for pi, key in enumerate(("p50", "p99")):
+        xs, ys = [], []
+        for i, rate in enumerate(groups):
+            v = added(t, rate, key)
+            if v is not None:
+                xs.append(i + (gi * 2 + pi) * width - 0.4 + width / 2)
+                ys.append(max(v, 0.001))
+        if xs:
+            ax1.bar(xs, ys, width=width, color=colors[t], alpha=1.0 if key == "p99" else 0.55,
+                    label=f"{t} added {key}")
+ax1.set_xticks(range(len(groups)))
+ax1.set_xticklabels([f"{r} req/s" for r in groups])
+ax1.set_yscale("log")
+ax1.set_ylabel("added latency over direct (ms, log)")
+ax1.set_title("Latency a gateway adds (lower is better)")
+ax1.legend(fontsize=7)
+names, vals = [], []
+for t in ["direct"] + GATEWAYS:
+    v = med([r["rps"] for r in runs.get((t, 0), [])])
+    if v:
+        names.append(t)
+        vals.append(v)
+ax2.bar(names, vals, color=[colors.get(n, "#5cb85c") for n in names])
+ax2.set_yscale("log")
+ax2.set_ylabel("requests/s (log)")
+ax2.set_title("Maximum throughput (higher is better)")
 fig.tight_layout()
 fig.savefig(os.path.join(out, "overhead.png"), dpi=120)

@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# Side-by-side overhead benchmark: the same loads straight to nginx, through sheepdog, and through LiteLLM.
-# Usage: bench/run.sh [--quick]      (--quick: 5 s per run instead of 30 s; LiteLLM skipped with --no-litellm)
-# Installs what it needs (nginx from Debian, oha from crates.io, LiteLLM and matplotlib into bench/.venv).
-# Writes bench/out/results.json and bench/out/overhead.png; bench/report.py prints the Markdown table.
+# Side-by-side overhead benchmark: the same loads straight to the upstream, through sheepdog, through nginx as a
+# reverse proxy (the floor for any HTTP proxy hop on this machine) and through LiteLLM proxy.
+#
+# Usage: bench/run.sh [--quick] [--no-litellm]
+#   --quick        3 s per repetition instead of 10 s (a smoke run of the harness itself)
+#   --no-litellm   skip LiteLLM (it takes minutes to install)
+# Installs what it needs: nginx from Debian, oha from crates.io, LiteLLM and matplotlib into bench/.venv, and builds
+# sheepdog and the loadgen example in release mode. Writes bench/out/*.json, bench/out/table.md and
+# bench/out/overhead.png (bench/report.py).
+#
+# Layout on a 2-core machine: the gateway under test runs alone on core 0; the upstream (nginx, sheepdog mock) and
+# the load generators share core 1, for every target alike. "direct" is therefore the cost of load generator plus
+# upstream, and a gateway's figures show what it adds when it has a core of its own, as it would in production.
+# Each fixed-rate load is measured as 3 interleaved repetitions per target; the tables quote the median repetition.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=30s; LITELLM=1
+REP=10; LITELLM=1
 for a in "$@"; do
   case "$a" in
-    --quick) DUR=5s ;;
+    --quick) REP=3 ;;
     --no-litellm) LITELLM=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
-OUT=bench/out; mkdir -p "$OUT"
+GW_CPU=0; AUX_CPU=1
+OUT=bench/out; rm -rf "$OUT"; mkdir -p "$OUT/runs"
+ulimit -n 65536
 
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
 command -v oha >/dev/null || cargo install oha --locked
@@ -22,10 +34,13 @@ bench/.venv/bin/python -c 'import matplotlib' 2>/dev/null || bench/.venv/bin/pip
 if [ "$LITELLM" = 1 ]; then
   bench/.venv/bin/python -c 'import litellm' 2>/dev/null || bench/.venv/bin/pip install -q 'litellm[proxy]'
 fi
-cargo build --release --locked
+cargo build --release --locked --bin sheepdog --example loadgen
+SHEEPDOG=target/release/sheepdog; LOADGEN=target/release/examples/loadgen
 
 BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1735689600,"model":"gpt-4.1","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed answer from nginx for benchmarks."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}'
 MODELS='{"object":"list","data":[{"id":"gpt-4.1","object":"model","created":1735689600,"owned_by":"bench"}]}'
+mkdir -p "$OUT/nginx-tmp" "$OUT/proxy-tmp"
+# The upstream: nginx answering a fixed OpenAI body on three ports (the three endpoints).
 cat > "$OUT/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -43,39 +58,47 @@ http {
   }
 }
 NGINX
-mkdir -p "$OUT/nginx-tmp"
-cat > "$OUT/sheepdog.toml" <<TOML
-[server]
-listen = "127.0.0.1:18080"
-[health]
-interval = "5s"
-idle_interval = "30s"
-[[endpoints]]
-name = "a"
-base_url = "http://127.0.0.1:18081/v1"
-api_keys = ["sk-bench-a"]
-models = ["gpt-4.1"]
-[[endpoints]]
-name = "b"
-base_url = "http://127.0.0.1:18082/v1"
-api_keys = ["sk-bench-b"]
-models = ["gpt-4.1"]
-[[endpoints]]
-name = "c"
-base_url = "http://127.0.0.1:18083/v1"
-api_keys = ["sk-bench-c"]
-models = ["gpt-4.1"]
-[[models]]
-name = "gpt-4.1"
-input_usd_per_mtok = 2.0
-output_usd_per_mtok = 8.0
-TOML
+# The reference proxy: nginx proxy_pass with keep-alive to the same three upstreams, one worker.
+cat > "$OUT/nginx-proxy.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $PWD/$OUT/nginx-proxy.pid;
+error_log $PWD/$OUT/nginx-proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $PWD/$OUT/proxy-tmp;
+  proxy_temp_path $PWD/$OUT/proxy-tmp;
+  upstream up { server 127.0.0.1:18081; server 127.0.0.1:18082; server 127.0.0.1:18083; keepalive 256; }
+  server {
+    listen 127.0.0.1:18084;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+# sheepdog: three nginx endpoints for gpt-4.1, three endpoints on one sheepdog mock for the streaming runs; health
+# probes every 2 s (the fast end of the user's range); metrics scraped every second during the runs.
+{
+  printf '[server]\nlisten = "127.0.0.1:18080"\n[health]\ninterval = "2s"\nidle_interval = "2s"\n'
+  for e in a:18081 b:18082 c:18083; do
+    printf '[[endpoints]]\nname = "%s"\nbase_url = "http://127.0.0.1:%s/v1"\napi_keys = ["sk-bench-%s"]\nmodels = ["gpt-4.1"]\n' \
+      "${e%%:*}" "${e##*:}" "${e%%:*}"
+  done
+  for e in s1 s2 s3; do
+    printf '[[endpoints]]\nname = "%s"\nbase_url = "http://127.0.0.1:18085/v1"\napi_keys = ["sk-bench-%s"]\nmodels = ["mock-stream"]\n' "$e" "$e"
+  done
+  printf '[[models]]\nname = "gpt-4.1"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n'
+  printf '[[models]]\nname = "mock-stream"\ninput_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.4\n'
+} > "$OUT/sheepdog.toml"
 cat > "$OUT/litellm.yaml" <<YAML
 model_list:
   - model_name: gpt-4.1
     litellm_params: {model: openai/gpt-4.1, api_base: "http://127.0.0.1:18081/v1", api_key: sk-bench}
+  - model_name: mock-stream
+    litellm_params: {model: openai/mock-stream, api_base: "http://127.0.0.1:18085/v1", api_key: sk-bench}
 YAML
-# A ~1 KB request body.
+# A ~1 KB request body (no `user` field: see shared/NOTES.md on LiteLLM without a database).
 python3 - > "$OUT/request.json" <<'PY'
 import json
 print(json.dumps({"model": "gpt-4.1", "max_tokens": 64, "messages": [
@@ -84,46 +107,96 @@ print(json.dumps({"model": "gpt-4.1", "max_tokens": 64, "messages": [
 PY
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-taskset -c 0 nginx -c "$PWD/$OUT/nginx.conf" & PIDS+=($!)
-taskset -c 0 target/release/sheepdog serve --config "$OUT/sheepdog.toml" > "$OUT/sheepdog.log" 2>&1 & PIDS+=($!)
+taskset -c $AUX_CPU nginx -c "$PWD/$OUT/nginx.conf" & PIDS+=($!)
+taskset -c $AUX_CPU $SHEEPDOG mock --listen 127.0.0.1:18085 --models mock-stream --answer-tokens 200 \
+  --tokens-per-sec 20 > "$OUT/mock.log" 2>&1 & PIDS+=($!)
+taskset -c $GW_CPU $SHEEPDOG serve --config "$OUT/sheepdog.toml" > "$OUT/sheepdog.log" 2>&1 & SD=$!; PIDS+=($SD)
+taskset -c $GW_CPU nginx -c "$PWD/$OUT/nginx-proxy.conf" & NP=$!; PIDS+=($NP)
+LL=
 if [ "$LITELLM" = 1 ]; then
-  LITELLM_MASTER_KEY=sk-litellm-bench LITELLM_LOCAL_MODEL_COST_MAP=True taskset -c 0 \
-    bench/.venv/bin/litellm --config "$OUT/litellm.yaml" --port 18090 --num_workers 1 > "$OUT/litellm.log" 2>&1 & PIDS+=($!)
+  LITELLM_MASTER_KEY=sk-litellm-bench LITELLM_LOCAL_MODEL_COST_MAP=True taskset -c $GW_CPU \
+    bench/.venv/bin/litellm --config "$OUT/litellm.yaml" --port 18090 --num_workers 1 > "$OUT/litellm.log" 2>&1 & LL=$!
+  PIDS+=($LL)
 fi
-wait_for() { for _ in $(seq 1 120); do curl -s -o /dev/null "$1" && return 0; sleep 0.5; done; echo "no answer from $1" >&2; exit 1; }
+wait_for() { for _ in $(seq 1 240); do curl -s -o /dev/null "$1" && return 0; sleep 0.5; done; echo "no answer from $1" >&2; exit 1; }
 wait_for http://127.0.0.1:18081/v1/models
+wait_for http://127.0.0.1:18085/health
 wait_for http://127.0.0.1:18080/health
-[ "$LITELLM" = 1 ] && wait_for http://127.0.0.1:18090/health/liveliness
+wait_for http://127.0.0.1:18084/v1/models
+[ -n "$LL" ] && wait_for http://127.0.0.1:18090/health/liveliness
+# A Prometheus-like scrape of sheepdog's /metrics every second, on the auxiliary core.
+( while sleep 1; do curl -s -o /dev/null http://127.0.0.1:18080/metrics || true; done ) & PIDS+=($!)
 
-# oha on the other core; -q holds the rate, --latency-correction avoids coordinated omission.
-load() { # name url rate(0 = max) extra-header...
-  local name=$1 url=$2 rate=$3; shift 3
-  local q=(); [ "$rate" != 0 ] && q=(-q "$rate" --latency-correction)
-  taskset -c 1 oha -z "$DUR" -c 64 "${q[@]}" --no-tui --output-format json -m POST \
-    -H 'content-type: application/json' "$@" -D "$OUT/request.json" "$url" > "$OUT/$name-$rate.json"
-  echo "$name @ $rate: $(python3 -c "import json;d=json.load(open('$OUT/$name-$rate.json'));print(round(d['summary']['requestsPerSec']), 'req/s, p50', round(d['latencyPercentiles']['p50']*1000,3), 'ms, p99', round(d['latencyPercentiles']['p99']*1000,3), 'ms')")"
-}
-D=http://127.0.0.1:18081/v1/chat/completions
-S=http://127.0.0.1:18080/v1/chat/completions
-L=http://127.0.0.1:18090/v1/chat/completions
-for rate in 1000 3000; do
-  load direct "$D" "$rate"
-  load sheepdog "$S" "$rate"
-done
-load direct "$D" 0
-load sheepdog "$S" 0
-if [ "$LITELLM" = 1 ]; then
-  for rate in 20 1000; do
-    load direct "$D" "$rate"
-    load sheepdog "$S" "$rate"
-    load litellm "$L" "$rate" -H 'authorization: Bearer sk-litellm-bench'
+# CPU seconds (user + system) used so far by a process and its descendants.
+cpu_of() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
   done
+  echo "$total"
+}
+declare -A URL PID
+URL[direct]=http://127.0.0.1:18081/v1/chat/completions
+URL[sheepdog]=http://127.0.0.1:18080/v1/chat/completions; PID[sheepdog]=$SD
+URL[nginx-proxy]=http://127.0.0.1:18084/v1/chat/completions; PID[nginx-proxy]=$(pgrep -P "$NP" | head -1)
+URL[litellm]=http://127.0.0.1:18090/v1/chat/completions; PID[litellm]=$LL
+auth() { [ "$1" = litellm ] && echo "authorization: Bearer sk-litellm-bench" || echo "x-bench: 1"; }
+
+# One oha run: target, rate (0 = as fast as possible), seconds, output file. The load generator is pinned to
+# the auxiliary core; -q holds the rate and --latency-correction counts queueing (no coordinated omission).
+oha_run() {
+  local t=$1 rate=$2 secs=$3 file=$4 q=()
+  [ "$rate" != 0 ] && q=(-q "$rate" --latency-correction)
+  local before=0; [ -n "${PID[$t]:-}" ] && before=$(cpu_of "${PID[$t]}")
+  taskset -c $AUX_CPU oha -z "${secs}s" -c 64 "${q[@]}" --no-tui --output-format json -m POST \
+    -H 'content-type: application/json' -H "$(auth "$t")" -D "$OUT/request.json" "${URL[$t]}" > "$file"
+  if [ -n "${PID[$t]:-}" ]; then
+    echo "$(( $(cpu_of "${PID[$t]}") - before ))" > "$file.cpu"
+  fi
+}
+summary() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));p=d['latencyPercentiles'];print(round(d['summary']['requestsPerSec']),'req/s  p50',round(p['p50']*1000,3),'ms  p99',round(p['p99']*1000,3),'ms')" "$1"; }
+
+# Fixed-rate and max-throughput loads: warm-up, then 3 interleaved repetitions per target.
+load() { # rate targets...
+  local rate=$1; shift
+  for t in "$@"; do oha_run "$t" "$rate" 2 /dev/null; done
+  for rep in 1 2 3; do
+    for t in "$@"; do
+      oha_run "$t" "$rate" "$REP" "$OUT/runs/$t-$rate-$rep.json"
+      echo "$t @ ${rate/#0/max} #$rep: $(summary "$OUT/runs/$t-$rate-$rep.json")"
+    done
+  done
+}
+load 1000 direct sheepdog nginx-proxy
+load 3000 direct sheepdog nginx-proxy
+load 0 direct sheepdog nginx-proxy
+if [ -n "$LL" ]; then
+  load 20 direct sheepdog nginx-proxy litellm
+  load 1000 litellm
+  load 0 litellm
 fi
-ps -o rss= -p "${PIDS[1]}" > "$OUT/sheepdog-rss-kb.txt"
+
+# Streaming: 1,000 concurrent streams of 200 chunks paced at 20 chunks/s by the mock; time to first token,
+# per-chunk lateness against the mock's schedule, and the gateway's RSS once all streams are open.
+stream() { # name url pid
+  local extra=()
+  [ "$1" = litellm ] && extra=(--header "authorization: Bearer sk-litellm-bench")
+  [ -n "$3" ] && extra+=(--hold-pid "$3")
+  taskset -c $AUX_CPU $LOADGEN stream --url "$2" --streams 1000 --chunks 200 --interval-ms 50 --model mock-stream \
+    "${extra[@]}" --out "$OUT/runs/stream-$1.json" > /dev/null || echo "stream run $1 failed" >&2
+  python3 -c "import json;d=json.load(open('$OUT/runs/stream-$1.json'));print('stream $1:',d['ok'],'ok,',d['errors'],'errors; ttft p50',d['ttft_ms']['p50'],'ms; lateness p99',d['lateness_ms']['p99'],'ms; rss',d.get('rss_kb_at_full_concurrency'),'kB')" || true
+}
+stream direct http://127.0.0.1:18085/v1/chat/completions ""
+stream sheepdog http://127.0.0.1:18080/v1/chat/completions "$SD"
+stream nginx-proxy http://127.0.0.1:18084/v1/chat/completions "${PID[nginx-proxy]}"
+[ -n "$LL" ] && stream litellm http://127.0.0.1:18090/v1/chat/completions "$LL"
+
+ps -o rss= -p "$SD" > "$OUT/sheepdog-rss-kb.txt"
 { echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"; echo "cpu: $(lscpu | sed -n 's/Model name: *//p') x $(nproc)";
-  echo "sheepdog: $(git rev-parse --short HEAD)"; echo "oha: $(oha --version)"; echo "nginx: $(nginx -v 2>&1)";
-  [ "$LITELLM" = 1 ] && echo "litellm: $(bench/.venv/bin/pip show litellm | sed -n 's/Version: //p')";
-  echo "command: bench/run.sh $*"; echo "duration per run: $DUR"; } > "$OUT/meta.txt"
+  echo "kernel: $(uname -r)"; echo "sheepdog: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (modified)')";
+  echo "rustc: $(rustc --version)"; echo "oha: $(oha --version)"; echo "nginx: $(nginx -v 2>&1 | sed 's/.*: //')";
+  [ -n "$LL" ] && echo "litellm: $(bench/.venv/bin/pip show litellm | sed -n 's/Version: //p')";
+  echo "command: bench/run.sh $*"; echo "repetition: ${REP} s x 3 per target and load"; } > "$OUT/meta.txt"
 bench/.venv/bin/python bench/report.py "$OUT"

@@ -461,28 +461,49 @@ fn exhausted(ctx: &Ctx<'_>, model: &Model, attempts: u32, errors: &[AttemptError
 }
 
 /// Hop-by-hop and framing headers that are not relayed from upstream answers.
+/// The upstream request: every header value was built once (Host too, so the client does not format it).
+fn upstream_request(
+    uri: http::Uri,
+    host: &HeaderValue,
+    stream: bool,
+    key: Option<&HeaderValue>,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri;
+    let h = req.headers_mut();
+    h.reserve(4);
+    h.insert(header::HOST, host.clone());
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::ACCEPT, HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" }));
+    if let Some(k) = key {
+        h.insert(header::AUTHORIZATION, k.clone());
+    }
+    req
+}
+
 fn strip_headers(h: &mut HeaderMap) {
-    static HOP: [HeaderName; 9] = [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::CONTENT_LENGTH,
-        header::UPGRADE,
-        header::TE,
-        header::TRAILER,
-        header::PROXY_AUTHENTICATE,
-        header::SET_COOKIE,
-        HeaderName::from_static("keep-alive"),
-    ];
-    // One pass over the (few) upstream headers; names compare without hashing.
-    let mut present = [false; 9];
-    for name in h.keys() {
-        if let Some(i) = HOP.iter().position(|x| x == name) {
-            present[i] = true;
-        }
+    // Upstream answers carry a handful of headers, so scanning them again after each removal is cheap.
+    while let Some(name) = h.keys().find(|k| is_hop_by_hop(k.as_str())).cloned() {
+        h.remove(&name);
     }
-    for (hop, _) in HOP.iter().zip(present).filter(|(_, p)| *p) {
-        h.remove(hop);
-    }
+}
+
+/// Headers that describe one connection (or set upstream cookies) and are not passed on to the client.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "transfer-encoding"
+            | "content-length"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-authenticate"
+            | "set-cookie"
+            | "keep-alive"
+    )
 }
 
 /// Remove any of the endpoint's keys from text that came from upstream (an error body may echo them).
@@ -540,21 +561,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             Api::Chat => ep.chat_uri.clone(),
             Api::Embeddings => ep.embeddings_uri.clone(),
         };
-        // Host is set here from a value built once, so the client does not format it per request.
-        let mut req = Request::post(uri)
-            .header(header::HOST, ep.base.host().clone())
-            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(
-                header::ACCEPT,
-                HeaderValue::from_static(if ctx.info.stream { "text/event-stream" } else { "application/json" }),
-            );
-        if let Some((_, h)) = &key {
-            req = req.header(header::AUTHORIZATION, (*h).clone());
-        }
-        let Ok(req) = req.body(Full::new(body.clone())) else {
-            record(Outcome::Neutral);
-            return fail("could not build the upstream request".into(), FailKind::Other, None);
-        };
+        let req = upstream_request(uri, ep.base.host(), ctx.info.stream, key.map(|(_, h)| h), body.clone());
         let resp = match tokio::time::timeout_at(first_byte_by, ep.client.request(req)).await {
             Err(_) => {
                 let what = format!("timeout: no answer within {} ms", (first_byte_by - started).as_millis());
