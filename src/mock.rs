@@ -55,6 +55,10 @@ const BREAK_FLUSH_PAUSE: Duration = Duration::from_millis(30);
 const DEFAULT_SLOW_LATENCY_MS: u64 = 1000;
 /// `retry_after_s` of the fault state at start: the `Retry-After` of `error_429` mode.
 const DEFAULT_RETRY_AFTER_S: u64 = 1;
+/// Pieces of an answer by default: the template once.
+pub const DEFAULT_ANSWER_TOKENS: usize = ANSWER_TEMPLATE.len();
+/// Largest accepted `--answer-tokens` (every answer is built in memory).
+const MAX_ANSWER_TOKENS: usize = 1_000_000;
 
 /// The answer template; `{name}` and `{model}` are replaced by the mock's name and the requested model.
 const ANSWER_TEMPLATE: [&str; 20] = [
@@ -101,6 +105,10 @@ pub struct MockArgs {
     /// Stream chunks per second; 0 sends them as fast as possible.
     #[arg(long, default_value_t = 50.0)]
     pub tokens_per_sec: f64,
+    /// Pieces (stream chunks, completion tokens) of every answer: the answer template repeated cyclically;
+    /// `max_tokens` of a request cuts it shorter.
+    #[arg(long, default_value_t = DEFAULT_ANSWER_TOKENS)]
+    pub answer_tokens: usize,
     /// Fraction (0..=1) of requests answered 500 in `ok` and `slow` modes.
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
@@ -125,6 +133,8 @@ pub struct MockOptions {
     pub jitter_ms: u64,
     /// Stream chunks per second; 0 = no pacing.
     pub tokens_per_sec: f64,
+    /// Pieces of every answer before `max_tokens` (the template repeated cyclically).
+    pub answer_tokens: usize,
     /// Initial fraction of requests answered 500 (the `error_rate` of the fault state).
     pub error_rate: f64,
     /// Seed of the random numbers.
@@ -141,6 +151,7 @@ impl Default for MockOptions {
             latency_ms: 0,
             jitter_ms: 0,
             tokens_per_sec: 50.0,
+            answer_tokens: DEFAULT_ANSWER_TOKENS,
             error_rate: 0.0,
             seed: 1,
             require_keys: Vec::new(),
@@ -158,6 +169,7 @@ impl From<&MockArgs> for MockOptions {
             latency_ms: args.latency_ms,
             jitter_ms: args.jitter_ms,
             tokens_per_sec: args.tokens_per_sec,
+            answer_tokens: args.answer_tokens,
             error_rate: args.error_rate,
             seed: args.seed,
             require_keys: non_empty(&args.require_keys),
@@ -166,13 +178,17 @@ impl From<&MockArgs> for MockOptions {
 }
 
 impl MockOptions {
-    /// Checks the values a user can get wrong: `error_rate` within 0..=1, `tokens_per_sec` finite and >= 0.
+    /// Checks the values a user can get wrong: `error_rate` within 0..=1, `tokens_per_sec` finite and >= 0,
+    /// `answer_tokens` at most a million.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.error_rate) {
             return Err(format!("error rate must be between 0 and 1, got {}", self.error_rate));
         }
         if !self.tokens_per_sec.is_finite() || self.tokens_per_sec < 0.0 {
             return Err(format!("tokens per second must be a number >= 0, got {}", self.tokens_per_sec));
+        }
+        if self.answer_tokens > MAX_ANSWER_TOKENS {
+            return Err(format!("answer tokens must be at most {MAX_ANSWER_TOKENS}, got {}", self.answer_tokens));
         }
         Ok(())
     }
@@ -386,14 +402,21 @@ fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     }
 }
 
-/// The deterministic answer pieces (one per stream chunk) for (mock name, model, max_tokens); the
-/// non-streaming answer's content is their concatenation. `max_tokens` keeps only the first pieces.
+/// The deterministic answer pieces (one per stream chunk) for (mock name, model, max_tokens) of a mock with the
+/// default answer length; the non-streaming answer's content is their concatenation. `max_tokens` keeps only the
+/// first pieces.
 pub fn answer_pieces(name: &str, model: &str, max_tokens: Option<u32>) -> Vec<String> {
-    let keep = max_tokens.map_or(ANSWER_TEMPLATE.len(), |n| {
-        usize::try_from(n).map_or(ANSWER_TEMPLATE.len(), |n| n.min(ANSWER_TEMPLATE.len()))
-    });
-    ANSWER_TEMPLATE[..keep]
+    answer_pieces_of(name, model, DEFAULT_ANSWER_TOKENS, max_tokens)
+}
+
+/// Like [`answer_pieces`] for a mock started with `--answer-tokens answer_tokens`: the template repeated
+/// cyclically up to `answer_tokens` pieces, then cut to `max_tokens`.
+pub fn answer_pieces_of(name: &str, model: &str, answer_tokens: usize, max_tokens: Option<u32>) -> Vec<String> {
+    let keep = max_tokens.map_or(answer_tokens, |n| usize::try_from(n).map_or(answer_tokens, |n| n.min(answer_tokens)));
+    ANSWER_TEMPLATE
         .iter()
+        .cycle()
+        .take(keep)
         .map(|p| match *p {
             " {name}" => format!(" {name}"),
             " {model}" => format!(" {model}"),
@@ -1000,8 +1023,9 @@ fn chat(
         .and_then(Value::as_u64)
         .or_else(|| v.get("max_tokens").and_then(Value::as_u64))
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-    let pieces = answer_pieces(&shared.opts.name, model, max_tokens);
-    let finish_reason = if pieces.len() < ANSWER_TEMPLATE.len() { "length" } else { "stop" };
+    let answer_tokens = shared.opts.answer_tokens;
+    let pieces = answer_pieces_of(&shared.opts.name, model, answer_tokens, max_tokens);
+    let finish_reason = if pieces.len() < answer_tokens { "length" } else { "stop" };
     let prompt = prompt_tokens(messages);
     let completion = u32::try_from(pieces.len()).unwrap_or(u32::MAX);
     let usage =
@@ -1392,6 +1416,20 @@ mod tests {
     }
 
     #[test]
+    fn answer_pieces_repeat_the_template_cyclically() {
+        let once = answer_pieces("m", "x", None);
+        let long = answer_pieces_of("m", "x", 45, None);
+        assert_eq!(long.len(), 45);
+        assert_eq!(long[..20], once[..]);
+        assert_eq!(long[20..40], once[..]);
+        assert_eq!(long[40..], once[..5]);
+        assert_eq!(answer_pieces_of("m", "x", 45, Some(30)), long[..30].to_vec());
+        assert_eq!(answer_pieces_of("m", "x", 7, None), once[..7].to_vec());
+        assert!(answer_pieces_of("m", "x", 0, None).is_empty());
+        assert_eq!(answer_pieces_of("m", "x", DEFAULT_ANSWER_TOKENS, Some(3)), answer_pieces("m", "x", Some(3)));
+    }
+
+    #[test]
     fn prompt_tokens_count_strings_and_text_parts() {
         let msgs = json!([
             {"role": "system", "content": "abcd"},          // 4 chars
@@ -1520,5 +1558,7 @@ mod tests {
         assert!(bad_rate.validate().is_err());
         let bad_tps = MockOptions { tokens_per_sec: -1.0, ..MockOptions::default() };
         assert!(bad_tps.validate().is_err());
+        let too_long = MockOptions { answer_tokens: MAX_ANSWER_TOKENS + 1, ..MockOptions::default() };
+        assert!(too_long.validate().is_err());
     }
 }

@@ -354,6 +354,27 @@ async fn stream_usage_chunk_only_with_include_usage() {
     assert!(chunks.iter().all(|c| c.get("usage").is_none()));
 }
 
+#[tokio::test]
+async fn answer_tokens_flag_lengthens_answers() {
+    let mock = Mock::start(&["--name", "long", "--answer-tokens", "200", "--tokens-per-sec", "0"]);
+    let client = client();
+    let url = mock.url("/v1/chat/completions");
+    let body = chat_body("gpt-4.1", json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let s = stream(&client, &url, &body).await;
+    assert!(s.error.is_none(), "{:?}", s.error);
+    let chunks = s.chunks();
+    let content = content_of(&chunks);
+    assert_eq!(content.len(), 200);
+    assert_eq!(content, sheepdog::mock::answer_pieces_of("long", "gpt-4.1", 200, None));
+    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(chunks[chunks.len() - 1]["usage"]["completion_tokens"], 200);
+
+    // max_tokens still cuts it short.
+    let answer = post(&client, &url, &chat_body("gpt-4.1", json!({"max_tokens": 150}))).await.json();
+    assert_eq!(answer["choices"][0]["finish_reason"], "length");
+    assert_eq!(answer["usage"]["completion_tokens"], 150);
+}
+
 fn decode_base64(text: &str) -> Vec<u8> {
     let value = |c: u8| -> u32 {
         match c {
