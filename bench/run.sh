@@ -25,7 +25,8 @@ for a in "$@"; do
 done
 GW_CPU=0; AUX_CPU=1
 OUT=bench/out; rm -rf "$OUT"; mkdir -p "$OUT/runs"
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"  # 1,000 streams need ~2,000 descriptors in a gateway
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 4096 ] || { echo "open-files limit $(ulimit -n) is below 4096" >&2; exit 1; }
 
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
 command -v oha >/dev/null || cargo install oha --locked

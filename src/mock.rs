@@ -363,8 +363,9 @@ pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send 
 
     let opts = MockOptions::from(&args);
     opts.validate()?;
-    let listener =
-        TcpListener::bind(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let (listener, _) = crate::server::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let name = opts.name.clone();
     let handle = spawn(listener, opts)?;
     // Handlers go in before the ready line: whoever reads it may signal at once.

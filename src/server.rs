@@ -275,11 +275,25 @@ async fn admin(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     not_found(&path)
 }
 
-/// Bind the listen address.
+/// Pending connections the kernel queues for accept. The default of 128 drops SYNs when a thousand clients
+/// connect at once (a burst of streams), which they only retry a second later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind the listen address with a deep accept queue ([`LISTEN_BACKLOG`]).
 pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr).await?;
-    let a = l.local_addr()?;
-    Ok((l, a))
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => {
+                let local = l.local_addr()?;
+                return Ok((l, local));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")))
 }
 
 /// A watch that turns true on SIGINT or SIGTERM; SIGHUP reloads the config.
