@@ -822,7 +822,7 @@ mod tests {
             let b = Balancer::new(s, 0);
             for _ in 0..200 {
                 let i = b.pick(&c, |i| i % 2 == 0, &mut r).unwrap();
-                assert!(i >= MASK_BITS + 10 && i % 2 == 0, "{s}: {i}");
+                assert!(i >= MASK_BITS + 10 && i.is_multiple_of(2), "{s}: {i}");
             }
             let i = b.pick(&c, |i| i == 3, &mut r);
             assert_eq!(i, Some(3), "{s}");

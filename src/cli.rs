@@ -153,7 +153,13 @@ async fn serve(a: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let gw = Gateway::new(config, path.clone());
+    let gw = match Gateway::open(config, path.clone()) {
+        Ok(gw) => gw,
+        Err(e) => {
+            eprintln!("error: cannot open the {e}");
+            return ExitCode::from(1);
+        }
+    };
     let shutdown = crate::server::signals(gw.clone());
     tokio::spawn(crate::health::run(gw.clone(), shutdown.clone()));
     if let Some(d) = &demo {
@@ -169,6 +175,9 @@ async fn serve(a: ServeArgs) -> ExitCode {
     println!("  status     {base}/status");
     println!("  metrics    {base}/metrics");
     println!("  dashboard  {base}/dashboard");
+    if let Some(p) = gw.log.path() {
+        println!("  log        {} (sheepdog report --db {})", p.display(), p.display());
+    }
     if demo.is_some() {
         println!(
             "  try        curl -s {base}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"gpt-4.1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
@@ -177,6 +186,9 @@ async fn serve(a: ServeArgs) -> ExitCode {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     crate::server::serve(gw.clone(), listener, shutdown).await;
+    // Answered requests are queued for the log; write them all before exiting.
+    let closing = gw.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.log.close()).await;
     drop(demo);
     ExitCode::SUCCESS
 }
@@ -198,7 +210,7 @@ pub async fn start(
     path: Option<PathBuf>,
 ) -> std::io::Result<(std::net::SocketAddr, Arc<Gateway>, tokio::sync::watch::Sender<bool>)> {
     let (listener, addr) = crate::server::bind(&config.server.listen).await?;
-    let gw = Gateway::new(config, path);
+    let gw = Gateway::open(config, path).map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::health::run(gw.clone(), rx.clone()));
     tokio::spawn(crate::server::serve(gw.clone(), listener, rx));

@@ -80,6 +80,8 @@ pub struct Config {
     pub breaker: BreakerSettings,
     /// `[retry]`.
     pub retry: RetryConfig,
+    /// `[log]`: the persistent request log.
+    pub log: LogConfig,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
     /// `[[models]]`, in file order.
@@ -95,6 +97,17 @@ pub struct ServerConfig {
     pub admin_key: Option<Secret>,
     /// Largest accepted request body (413 above).
     pub max_body_bytes: usize,
+}
+
+/// `[log]`: the persistent request log (one SQLite row per answered client request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// Whether requests are logged.
+    pub enabled: bool,
+    /// The SQLite file; a relative path is taken from the config file's directory.
+    pub path: PathBuf,
+    /// Rows older than this are deleted (zero keeps everything).
+    pub retention: Duration,
 }
 
 /// How an endpoint is probed.
@@ -251,6 +264,8 @@ struct RawConfig {
     #[serde(default)]
     retry: RawRetry,
     #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
     endpoints: Vec<RawEndpoint>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -296,6 +311,14 @@ struct RawRetry {
     backoff_max: Option<S>,
     deadline: Option<S>,
     queue_timeout: Option<S>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    enabled: Option<bool>,
+    path: Option<S>,
+    retention: Option<S>,
 }
 
 #[derive(Deserialize)]
@@ -361,7 +384,13 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         key: String::new(),
         message: format!("cannot read: {e}"),
     })?;
-    parse(&text, &file, &ProcessEnv)
+    let mut config = parse(&text, &file, &ProcessEnv)?;
+    if config.log.path.is_relative() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            config.log.path = dir.join(&config.log.path);
+        }
+    }
+    Ok(config)
 }
 
 /// The config file to use: `--config`, else `./sheepdog.toml` when it exists, else none (embedded demo).
@@ -505,6 +534,22 @@ impl Validator<'_> {
             queue_timeout: self.duration(&r.queue_timeout, "retry.queue_timeout", Duration::ZERO)?,
         };
 
+        let l = &raw.log;
+        let log = LogConfig {
+            enabled: l.enabled.unwrap_or(true),
+            path: PathBuf::from(self.opt_string(&l.path, "log.path", DEFAULT_LOG_PATH)?),
+            retention: self.duration(&l.retention, "log.retention", Duration::from_secs(30 * 86_400))?,
+        };
+        if let Some(p) = &l.path {
+            if log.path.as_os_str().is_empty() {
+                return Err(self.err(
+                    Some(p.span()),
+                    "log.path",
+                    "is empty (set `enabled = false` to turn the log off)",
+                ));
+            }
+        }
+
         let mut endpoints = Vec::with_capacity(raw.endpoints.len());
         let mut seen = HashSet::new();
         for (i, e) in raw.endpoints.iter().enumerate() {
@@ -573,7 +618,7 @@ impl Validator<'_> {
             return Err(self.err(None, "endpoints", "at least one [[endpoints]] entry is needed"));
         }
 
-        Ok(Config { server, health, breaker, retry, endpoints, models })
+        Ok(Config { server, health, breaker, retry, log, endpoints, models })
     }
 
     fn endpoint(&self, i: usize, e: &RawEndpoint) -> Result<EndpointConfig, ConfigError> {
@@ -757,6 +802,9 @@ pub fn interpolate(s: &str, env: &dyn Env) -> Result<String, String> {
     out.push_str(rest);
     Ok(out)
 }
+
+/// The request log's file when `log.path` is not set (and `sheepdog report`'s default).
+pub const DEFAULT_LOG_PATH: &str = "sheepdog.db";
 
 /// Parse a duration such as `500ms`, `5s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

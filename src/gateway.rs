@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::requestlog::{OpenError, RequestLog};
 use crate::state::Runtime;
 
 /// Requests that may wait at once for a candidate to recover (beyond this they fail at once).
@@ -28,12 +29,26 @@ pub struct Gateway {
     reload_lock: tokio::sync::Mutex<()>,
     /// Places in the recovery queue.
     pub queue: Semaphore,
+    /// The persistent request log (opened at start; `[log]` changes need a restart).
+    pub log: RequestLog,
 }
 
 impl Gateway {
-    /// A gateway for this config.
+    /// A gateway for this config, without a request log.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
         let metrics = Metrics::new();
+        let log = RequestLog::disabled(&metrics);
+        Self::build(config, config_path, metrics, log)
+    }
+
+    /// A gateway for this config with its request log (`[log]`) open.
+    pub fn open(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, OpenError> {
+        let metrics = Metrics::new();
+        let log = RequestLog::open(&config.log, &metrics)?;
+        Ok(Self::build(config, config_path, metrics, log))
+    }
+
+    fn build(config: Config, config_path: Option<PathBuf>, metrics: Metrics, log: RequestLog) -> Arc<Gateway> {
         let runtime = Runtime::build(config, None, &metrics);
         Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
@@ -42,6 +57,7 @@ impl Gateway {
             start: Instant::now(),
             reload_lock: tokio::sync::Mutex::new(()),
             queue: Semaphore::new(MAX_QUEUED),
+            log,
         })
     }
 
@@ -71,6 +87,9 @@ impl Gateway {
     /// Swap in a new validated config, keeping live state of unchanged endpoints.
     pub fn apply(&self, config: Config) {
         let old = self.runtime.load_full();
+        if config.log != old.config.log {
+            tracing::warn!("[log] changed: the request log keeps its old settings until a restart");
+        }
         let rt = Runtime::build(config, Some(&old), &self.metrics);
         tracing::info!(endpoints = rt.endpoints.len(), models = rt.models.len(), "configuration loaded");
         self.runtime.store(Arc::new(rt));

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod proxy;
+pub mod requestlog;
 pub mod retry;
 pub mod server;
 pub mod state;

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub global_degraded: IntGauge,
     /// `sheepdog_probes_total{endpoint, model, result}` (extra: probes sent, by outcome).
     probes: IntCounterVec,
+    /// `sheepdog_request_log_written_total`: rows written to the request log.
+    pub log_written: IntCounter,
+    /// `sheepdog_request_log_dropped_total`: requests the log could not take (queue full or write failed).
+    pub log_dropped: IntCounter,
 }
 
 /// Child handles of one (endpoint, model) pair.
@@ -114,6 +118,16 @@ impl Metrics {
             "1 when more than half of all (endpoint, model) pairs cannot serve.",
         ));
         must(registry.register(Box::new(global_degraded.clone())));
+        let plain = |name: &str, help: &str| {
+            let c = must(IntCounter::new(name, help));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let log_written = plain("sheepdog_request_log_written_total", "Rows written to the request log.");
+        let log_dropped = plain(
+            "sheepdog_request_log_dropped_total",
+            "Requests missing from the request log: its queue was full or a write failed.",
+        );
         Metrics {
             registry,
             upstream_up,
@@ -127,6 +141,8 @@ impl Metrics {
             cost,
             global_degraded,
             probes,
+            log_written,
+            log_dropped,
         }
     }
 

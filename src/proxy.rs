@@ -4,6 +4,7 @@
 //! Decisions come from `balance`, `breaker` and `retry`; outcomes go to `state::Pair`. No lock is held across an
 //! `.await`; the request body is forwarded as received (only the `model` value may be replaced).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use crate::breaker::Admission;
 use crate::config::{HedgeAfter, ModelKind};
 use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, RequestInfo, Usage};
+use crate::requestlog::Entry;
 use crate::retry::{self, Backoff, Verdict};
 use crate::state::{Endpoint, Member, Model, Outcome, Pair, Runtime, Source};
 
@@ -46,6 +48,16 @@ pub enum Api {
     Chat,
     /// `POST /v1/embeddings`.
     Embeddings,
+}
+
+impl Api {
+    /// `chat` or `embeddings`, as in the request log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Embeddings => "embeddings",
+        }
+    }
 }
 
 /// The response body of the gateway: a whole buffer, or an upstream stream relayed frame by frame.
@@ -98,12 +110,27 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     r
 }
 
-/// Handle one `/v1/chat/completions` or `/v1/embeddings` request.
+/// Handle one `/v1/chat/completions` or `/v1/embeddings` request; it goes to the request log once answered
+/// (a stream when it ends).
 pub async fn handle(gw: &Arc<Gateway>, api: Api, req: Request<Incoming>) -> Response<Body> {
-    match serve(gw, api, req).await {
+    let arrived = Instant::now();
+    let mut entry = Entry::begin(api.name());
+    let mut resp = match serve(gw, api, req, arrived, &mut entry).await {
         Ok(r) => r,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            entry.error = Some(Cow::Borrowed(e.code));
+            error_response(&e)
+        }
+    };
+    entry.status = resp.status().as_u16();
+    match resp.body_mut() {
+        Body::Relay(relay) => relay.acct.log = Some((entry, arrived)),
+        Body::Full(_) => {
+            entry.duration_ms = ms_since(arrived);
+            gw.log.record(entry);
+        }
     }
+    resp
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
@@ -156,7 +183,8 @@ enum FailKind {
 }
 
 enum AttemptResult {
-    Served(Response<Body>),
+    /// An answer, with its usage when it was read (not for streams: their relay accounts for it).
+    Served(Response<Body>, Option<Usage>),
     /// The upstream refused the request itself (4xx): passed through, not retried.
     ClientError(Response<Body>),
     Failed(AttemptError),
@@ -170,15 +198,24 @@ struct Ctx<'a> {
     body: &'a Bytes,
     info: &'a RequestInfo,
     deadline: Instant,
+    arrived: Instant,
 }
 
-async fn serve(gw: &Arc<Gateway>, api: Api, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn serve(
+    gw: &Arc<Gateway>,
+    api: Api,
+    req: Request<Incoming>,
+    arrived: Instant,
+    entry: &mut Entry,
+) -> Result<Response<Body>, ApiError> {
     let rt = gw.runtime();
     let body = read_body(req, rt.config.server.max_body_bytes).await?;
     let info = match api {
         Api::Chat => openai::inspect_chat(&body)?,
         Api::Embeddings => openai::inspect_embeddings(&body)?,
     };
+    entry.model.clone_from(&info.model);
+    entry.stream = info.stream;
     let model = rt.models.get(&info.model).ok_or_else(|| ApiError::model_not_found(&info.model))?;
     let wanted = match api {
         Api::Chat => ModelKind::Chat,
@@ -194,8 +231,9 @@ async fn serve(gw: &Arc<Gateway>, api: Api, req: Request<Incoming>) -> Result<Re
             ),
         ));
     }
-    let ctx = Ctx { gw, rt: &rt, api, body: &body, info: &info, deadline: Instant::now() + rt.config.retry.deadline };
-    failover(&ctx, model).await
+    let deadline = arrived + rt.config.retry.deadline;
+    let ctx = Ctx { gw, rt: &rt, api, body: &body, info: &info, deadline, arrived };
+    failover(&ctx, model, entry).await
 }
 
 /// The models tried for a request: the requested one, then its fallbacks in order (each once).
@@ -235,7 +273,7 @@ fn pick(ctx: &Ctx<'_>, model: &Model, tried: &mut Vec<(usize, usize)>, mi: usize
     }
 }
 
-async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, ApiError> {
+async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>, entry: &mut Entry) -> Result<Response<Body>, ApiError> {
     let chain = chain(ctx.rt, model);
     let retry_cfg = &ctx.rt.config.retry;
     let backoff = Backoff {
@@ -267,15 +305,21 @@ async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, A
                 };
                 let member = &m.members[idx];
                 match result {
-                    AttemptResult::Served(mut resp) => {
+                    AttemptResult::Served(mut resp, usage) => {
                         finish_headers(&mut resp, &member.endpoint.name_header, &m.name_header, attempts);
                         if attempts > 1 {
                             ctx.gw.metrics.failover(&model.cfg.name);
+                        }
+                        served(entry, member, m, attempts);
+                        entry.ttft_ms = Some(ms_since(ctx.arrived));
+                        if let Some(u) = usage {
+                            log_usage(entry, u, m.cfg.input_usd_per_mtok, m.cfg.output_usd_per_mtok);
                         }
                         return Ok(resp);
                     }
                     AttemptResult::ClientError(mut resp) => {
                         finish_headers(&mut resp, &member.endpoint.name_header, &m.name_header, attempts);
+                        served(entry, member, m, attempts);
                         return Ok(resp);
                     }
                     AttemptResult::Failed(e) => {
@@ -308,10 +352,26 @@ async fn failover(ctx: &Ctx<'_>, model: &Arc<Model>) -> Result<Response<Body>, A
         pass += 1;
         tried.clear();
     }
+    entry.attempts = attempts;
     if let Some(text) = &model.cfg.static_fallback {
+        entry.served_model = Some(model.cfg.name.clone());
+        entry.error = Some(Cow::Borrowed("static_fallback"));
         return Ok(static_fallback(ctx, model, text, attempts));
     }
     Err(exhausted(ctx, model, attempts, &errors, &chain))
+}
+
+/// Who served, for the request log.
+fn served(entry: &mut Entry, member: &Member, model: &Model, attempts: u32) {
+    entry.endpoint = Some(member.endpoint.cfg.name.clone());
+    entry.served_model = Some(model.cfg.name.clone());
+    entry.attempts = attempts;
+}
+
+fn log_usage(entry: &mut Entry, u: Usage, input_price: f64, output_price: f64) {
+    entry.prompt_tokens = Some(u.prompt_tokens);
+    entry.completion_tokens = Some(u.completion_tokens);
+    entry.cost_usd = Some(cost_usd(u, input_price, output_price));
 }
 
 /// How long the first attempt may take before a hedged second one starts, if the model hedges.
@@ -655,6 +715,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             output_price: model.cfg.output_usd_per_mtok,
             usage: openai::stream_usage(&first),
             done: false,
+            log: None,
         };
         let idle = ep.cfg.first_byte_timeout;
         let relay = Relay {
@@ -666,7 +727,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             acct,
             finished: false,
         };
-        return AttemptResult::Served(Response::from_parts(parts, Body::Relay(Box::new(relay))));
+        return AttemptResult::Served(Response::from_parts(parts, Body::Relay(Box::new(relay))), None);
     }
     let collected = match tokio::time::timeout_at(end_by, Limited::new(upstream, MAX_ANSWER_BYTES).collect()).await {
         Err(_) => {
@@ -688,7 +749,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
                 account_tokens(pair, model.cfg.input_usd_per_mtok, model.cfg.output_usd_per_mtok, u);
             }
             record(Outcome::Success(elapsed.as_secs_f64() * 1000.0));
-            AttemptResult::Served(Response::from_parts(parts, Body::full(collected)))
+            AttemptResult::Served(Response::from_parts(parts, Body::full(collected)), usage)
         }
     }
 }
@@ -738,10 +799,15 @@ fn connect_error_text(e: &hyper_util::client::legacy::Error) -> String {
     s
 }
 
+/// The price of `u` in USD, for prices in USD per million tokens.
+fn cost_usd(u: Usage, input_price: f64, output_price: f64) -> f64 {
+    (u.prompt_tokens as f64 * input_price + u.completion_tokens as f64 * output_price) / 1e6
+}
+
 fn account_tokens(pair: &Pair, input_price: f64, output_price: f64, u: Usage) {
     pair.metrics.prompt_tokens.inc_by(u.prompt_tokens);
     pair.metrics.completion_tokens.inc_by(u.completion_tokens);
-    let cost = (u.prompt_tokens as f64 * input_price + u.completion_tokens as f64 * output_price) / 1e6;
+    let cost = cost_usd(u, input_price, output_price);
     if cost > 0.0 {
         pair.metrics.cost_request.inc_by(cost);
     }
@@ -760,6 +826,8 @@ struct Accounting {
     output_price: f64,
     usage: Option<Usage>,
     done: bool,
+    /// The request's log entry and arrival time, written when the stream ends.
+    log: Option<(Entry, Instant)>,
 }
 
 impl Accounting {
@@ -775,6 +843,22 @@ impl Accounting {
         }
         let usable = self.endpoint.keys.has_usable();
         self.pair.record(&self.rt, outcome, self.admitted_ms, Source::Live, usable, self.gw.now_ms());
+        if let Some((mut entry, arrived)) = self.log.take() {
+            entry.duration_ms = ms_since(arrived);
+            if let Some(u) = self.usage {
+                log_usage(&mut entry, u, self.input_price, self.output_price);
+            }
+            match label {
+                "200" => {}
+                "499" => {
+                    entry.status = 499;
+                    entry.error = Some(Cow::Borrowed("client_closed"));
+                }
+                "timeout" => entry.error = Some(Cow::Borrowed("stream_timeout")),
+                _ => entry.error = Some(Cow::Borrowed("stream_broken")),
+            }
+            self.gw.log.record(entry);
+        }
     }
 }
 
