@@ -72,9 +72,16 @@ http {
   client_body_temp_path $PWD/$OUT/proxy-tmp;
   proxy_temp_path $PWD/$OUT/proxy-tmp;
   upstream up { server 127.0.0.1:18081; server 127.0.0.1:18082; server 127.0.0.1:18083; keepalive 256; }
+  upstream streams { server 127.0.0.1:18085; keepalive 1024; }
   server {
     listen 127.0.0.1:18084;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:18086;
+    location / {
+      proxy_pass http://streams; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off;
+    }
   }
 }
 NGINX
@@ -112,7 +119,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 taskset -c $AUX_CPU nginx -c "$PWD/$OUT/nginx.conf" & PIDS+=($!)
 taskset -c $AUX_CPU $SHEEPDOG mock --listen 127.0.0.1:18085 --models mock-stream --answer-tokens 200 \
-  --tokens-per-sec 20 > "$OUT/mock.log" 2>&1 & PIDS+=($!)
+  --tokens-per-sec 20 --stamp > "$OUT/mock.log" 2>&1 & PIDS+=($!)
 taskset -c $GW_CPU $SHEEPDOG serve --config "$OUT/sheepdog.toml" > "$OUT/sheepdog.log" 2>&1 & SD=$!; PIDS+=($SD)
 taskset -c $GW_CPU nginx -c "$PWD/$OUT/nginx-proxy.conf" & NP=$!; PIDS+=($NP)
 LL=
@@ -179,20 +186,36 @@ if [ -n "$LL" ]; then
   load 0 litellm
 fi
 
-# Streaming: 1,000 concurrent streams of 200 chunks paced at 20 chunks/s by the mock; time to first token,
-# per-chunk lateness against the mock's schedule, and the gateway's RSS once all streams are open.
-stream() { # name url pid
+# Streaming: 1,000 concurrent streams of 200 chunks paced at 20 chunks/s by the mock, which stamps every chunk
+# with the time it wrote it. Per target: a cold burst of 1,000 short streams first (the gateway's upstream pool is
+# empty: every stream needs a new upstream connection); then 3 interleaved repetitions of the measured run on warm
+# connection pools: time to first token, per-chunk transit time (mock write to client read), lateness against the
+# mock's pacing, and the gateway's RSS once all 1,000 streams are open. LiteLLM runs once (it takes minutes).
+stream_run() { # name url pid chunks out
   local extra=()
   [ "$1" = litellm ] && extra=(--header "authorization: Bearer sk-litellm-bench")
   [ -n "$3" ] && extra+=(--hold-pid "$3")
-  taskset -c $AUX_CPU $LOADGEN stream --url "$2" --streams 1000 --chunks 200 --interval-ms 50 --model mock-stream \
-    "${extra[@]}" --out "$OUT/runs/stream-$1.json" > /dev/null || echo "stream run $1 failed" >&2
-  python3 -c "import json;d=json.load(open('$OUT/runs/stream-$1.json'));print('stream $1:',d['ok'],'ok,',d['errors'],'errors; ttft p50',d['ttft_ms']['p50'],'ms; lateness p99',d['lateness_ms']['p99'],'ms; rss',d.get('rss_kb_at_full_concurrency'),'kB')" || true
+  taskset -c $AUX_CPU $LOADGEN stream --url "$2" --streams 1000 --chunks "$4" --interval-ms 50 --model mock-stream \
+    "${extra[@]}" --out "$5" > /dev/null 2>> "$OUT/loadgen.log" || echo "stream run $1 failed" >&2
+  python3 - "$5" "$1" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+t = d.get("transit_ms") or {}
+print(f"stream {sys.argv[2]}: {d['ok']} ok, {d['errors']} errors; ttft p50 {d['ttft_ms']['p50']} ms; "
+      f"transit p50 {t.get('p50')} p99 {t.get('p99')} ms; rss {d.get('rss_kb_at_full_concurrency')} kB")
+PY
 }
-stream direct http://127.0.0.1:18085/v1/chat/completions ""
-stream sheepdog http://127.0.0.1:18080/v1/chat/completions "$SD"
-stream nginx-proxy http://127.0.0.1:18084/v1/chat/completions "${PID[nginx-proxy]}"
-[ -n "$LL" ] && stream litellm http://127.0.0.1:18090/v1/chat/completions "$LL"
+declare -A SURL=([direct]=http://127.0.0.1:18085/v1/chat/completions [sheepdog]=http://127.0.0.1:18080/v1/chat/completions
+                 [nginx-proxy]=http://127.0.0.1:18086/v1/chat/completions [litellm]=http://127.0.0.1:18090/v1/chat/completions)
+STARGETS=(direct sheepdog nginx-proxy)
+for t in "${STARGETS[@]}"; do stream_run "$t" "${SURL[$t]}" "" 5 "$OUT/runs/stream-cold-$t.json"; done
+for rep in 1 2 3; do
+  for t in "${STARGETS[@]}"; do stream_run "$t" "${SURL[$t]}" "${PID[$t]:-}" 200 "$OUT/runs/stream-$t-$rep.json"; done
+done
+if [ -n "$LL" ]; then
+  stream_run litellm "${SURL[litellm]}" "" 5 "$OUT/runs/stream-cold-litellm.json"
+  stream_run litellm "${SURL[litellm]}" "$LL" 200 "$OUT/runs/stream-litellm-1.json"
+fi
 
 ps -o rss= -p "$SD" > "$OUT/sheepdog-rss-kb.txt"
 { echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"; echo "cpu: $(lscpu | sed -n 's/Model name: *//p') x $(nproc)";
@@ -200,4 +223,24 @@ ps -o rss= -p "$SD" > "$OUT/sheepdog-rss-kb.txt"
   echo "rustc: $(rustc --version)"; echo "oha: $(oha --version)"; echo "nginx: $(nginx -v 2>&1 | sed 's/.*: //')";
   [ -n "$LL" ] && echo "litellm: $(bench/.venv/bin/pip show litellm | sed -n 's/Version: //p')";
   echo "command: bench/run.sh $*"; echo "repetition: ${REP} s x 3 per target and load"; } > "$OUT/meta.txt"
-bench/.venv/bin/python bench/report.py "$OUT"
+# What the request log and metrics saw during the whole run (both were on throughout).
+python3 - "$OUT" <<'PY' > "$OUT/extra.md"
+import re, sqlite3, sys, urllib.request
+out = sys.argv[1]
+m = urllib.request.urlopen("http://127.0.0.1:18080/metrics").read().decode()
+val = lambda name: sum(float(x) for x in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", m, re.M))
+rows = sqlite3.connect(f"file:{out}/sheepdog.db?mode=ro", uri=True).execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+print("### sheepdog's own accounting of the run", "", "| | |", "| --- | --- |")
+print(f"| client requests answered (request log rows so far) | {rows:,} |")
+print(f"| request log rows dropped | {val('sheepdog_request_log_dropped_total'):.0f} |")
+statuses = {}
+for s, n in re.findall(r'sheepdog_requests_total{[^}]*status="(\w+)"} (\S+)', m):
+    statuses[s] = statuses.get(s, 0) + float(n)
+print(f"| upstream attempts by status | {', '.join(f'{s}: {n:,.0f}' for s, n in sorted(statuses.items()))} |")
+print(f"| health probes sent | {val('sheepdog_probes_total'):,.0f} |")
+PY
+if [ "$REP" = 10 ]; then
+  bench/.venv/bin/python bench/report.py "$OUT" --publish
+else
+  bench/.venv/bin/python bench/report.py "$OUT"
+fi

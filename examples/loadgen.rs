@@ -344,6 +344,10 @@ struct StreamReport {
     connect_ms: TailReport,
     ttft_ms: TtftReport,
     lateness_ms: TailReport,
+    /// Per-chunk transit time, upstream write to client read (only with an upstream that stamps its chunks,
+    /// `sheepdog mock --stamp`; same machine, same clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transit_ms: Option<TailReport>,
     wall_s: Option<f64>,
     /// VmRSS of `--hold-pid` once every stream had its first chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,6 +377,7 @@ struct StreamOutcome {
     connect_ms: Option<f64>,
     ttft_ms: Option<f64>,
     lateness_ms: Vec<f64>,
+    transit_ms: Vec<f64>,
     content: usize,
     error: Option<String>,
 }
@@ -381,6 +386,9 @@ struct StreamOutcome {
 struct ChunkIn {
     #[serde(default)]
     choices: Vec<ChoiceIn>,
+    /// `sheepdog mock --stamp`: when the upstream wrote the chunk, Unix microseconds.
+    #[serde(default)]
+    sent_at_us: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -395,18 +403,24 @@ struct DeltaIn {
     content: Option<String>,
 }
 
-/// Whether an SSE event (without its blank line) is a `data:` chunk with non-empty delta content.
-fn is_content_event(event: &[u8]) -> bool {
-    event.split(|b| *b == b'\n').any(|line| {
-        let Some(data) = line.strip_prefix(b"data:") else { return false };
-        let data = data.trim_ascii();
-        data != b"[DONE]"
-            && serde_json::from_slice::<ChunkIn>(data).is_ok_and(|c| {
-                c.choices
-                    .iter()
-                    .any(|ch| ch.delta.as_ref().and_then(|d| d.content.as_deref()).is_some_and(|s| !s.is_empty()))
-            })
+/// For an SSE event (without its blank line) that is a `data:` chunk with non-empty delta content: its
+/// `sent_at_us` stamp, if it has one. `None` for any other event.
+fn content_event(event: &[u8]) -> Option<Option<u64>> {
+    event.split(|b| *b == b'\n').find_map(|line| {
+        let data = line.strip_prefix(b"data:")?.trim_ascii();
+        if data == b"[DONE]" {
+            return None;
+        }
+        let c = serde_json::from_slice::<ChunkIn>(data).ok()?;
+        c.choices
+            .iter()
+            .any(|ch| ch.delta.as_ref().and_then(|d| d.content.as_deref()).is_some_and(|s| !s.is_empty()))
+            .then_some(c.sent_at_us)
     })
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 async fn stream_cmd(a: StreamArgs) -> Result<(), BoxError> {
@@ -472,8 +486,10 @@ async fn stream_cmd(a: StreamArgs) -> Result<(), BoxError> {
     let mut ttft: Vec<f64> = outcomes.iter().filter_map(|o| o.ttft_ms).collect();
     connect.sort_by(f64::total_cmp);
     let mut lateness: Vec<f64> = outcomes.iter().flat_map(|o| o.lateness_ms.iter().copied()).collect();
+    let mut transit: Vec<f64> = outcomes.iter().flat_map(|o| o.transit_ms.iter().copied()).collect();
     ttft.sort_by(f64::total_cmp);
     lateness.sort_by(f64::total_cmp);
+    transit.sort_by(f64::total_cmp);
     let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
     for e in outcomes.iter().filter_map(|o| o.error.as_deref()) {
         *errors.entry(e).or_default() += 1;
@@ -505,6 +521,12 @@ async fn stream_cmd(a: StreamArgs) -> Result<(), BoxError> {
             p999: round3(percentile(&lateness, 0.999)),
             max: round3(lateness.last().copied()),
         },
+        transit_ms: (!transit.is_empty()).then(|| TailReport {
+            p50: round3(percentile(&transit, 0.5)),
+            p99: round3(percentile(&transit, 0.99)),
+            p999: round3(percentile(&transit, 0.999)),
+            max: round3(transit.last().copied()),
+        }),
         wall_s: round3(Some(wall.as_secs_f64())),
         rss_kb_at_full_concurrency: rss,
     };
@@ -559,14 +581,16 @@ async fn run_stream(plan: &StreamPlan, out: &mut StreamOutcome, settle: &mut Set
         let frame = frame.map_err(|e| format!("stream cut after {} content chunks: {e}", out.content))?;
         // Events that arrive in one read share its arrival time.
         let arrived = Instant::now();
+        let arrived_us = unix_us();
         let Ok(data) = frame.into_data() else { continue };
         pending.extend_from_slice(&data);
         let mut consumed = 0;
         while let Some(end) = pending[consumed..].windows(2).position(|w| w == b"\n\n") {
             let event = &pending[consumed..consumed + end];
             consumed += end + 2;
-            if !is_content_event(event) {
-                continue;
+            let Some(stamp) = content_event(event) else { continue };
+            if let Some(sent) = stamp {
+                out.transit_ms.push(arrived_us.saturating_sub(sent) as f64 / 1000.0);
             }
             out.content += 1;
             match first {
@@ -926,14 +950,20 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
     }
 
+    fn is_content(event: &[u8]) -> bool {
+        content_event(event).is_some()
+    }
+
     #[test]
     fn content_events_are_recognised() {
-        assert!(is_content_event(br#"data: {"choices":[{"delta":{"content":"Hi"}}]}"#));
-        assert!(!is_content_event(br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
-        assert!(!is_content_event(br#"data: {"choices":[{"delta":{},"finish_reason":"stop"}]}"#));
-        assert!(!is_content_event(br#"data: {"choices":[],"usage":{"completion_tokens":3}}"#));
-        assert!(!is_content_event(b"data: [DONE]"));
-        assert!(!is_content_event(b": keep-alive"));
+        assert!(is_content(br#"data: {"choices":[{"delta":{"content":"Hi"}}]}"#));
+        assert!(!is_content(br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
+        assert!(!is_content(br#"data: {"choices":[{"delta":{},"finish_reason":"stop"}]}"#));
+        assert!(!is_content(br#"data: {"choices":[],"usage":{"completion_tokens":3}}"#));
+        assert!(!is_content(b"data: [DONE]"));
+        assert!(!is_content(b": keep-alive"));
+        assert_eq!(content_event(br#"data: {"choices":[{"delta":{"content":"Hi"}}]}"#), Some(None));
+        assert_eq!(content_event(br#"data: {"choices":[{"delta":{"content":"Hi"}}],"sent_at_us":42}"#), Some(Some(42)));
     }
 
     #[test]

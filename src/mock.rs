@@ -118,6 +118,10 @@ pub struct MockArgs {
     /// API keys accepted on /v1/* as `Authorization: Bearer KEY` (comma separated); empty = no check.
     #[arg(long, value_delimiter = ',')]
     pub require_keys: Vec<String>,
+    /// Stamp every stream chunk with `"sent_at_us"`: the Unix time in microseconds when it was written, so a
+    /// client on the same machine can measure each chunk's transit time (benchmarks).
+    #[arg(long)]
+    pub stamp: bool,
 }
 
 /// Settings of a mock started with [`spawn`]: the fields of [`MockArgs`] except the address.
@@ -141,6 +145,8 @@ pub struct MockOptions {
     pub seed: u64,
     /// Accepted bearer tokens on /v1/*; empty = no check.
     pub require_keys: Vec<String>,
+    /// Stamp stream chunks with `sent_at_us`.
+    pub stamp: bool,
 }
 
 impl Default for MockOptions {
@@ -155,6 +161,7 @@ impl Default for MockOptions {
             error_rate: 0.0,
             seed: 1,
             require_keys: Vec::new(),
+            stamp: false,
         }
     }
 }
@@ -173,6 +180,7 @@ impl From<&MockArgs> for MockOptions {
             error_rate: args.error_rate,
             seed: args.seed,
             require_keys: non_empty(&args.require_keys),
+            stamp: args.stamp,
         }
     }
 }
@@ -363,9 +371,8 @@ pub async fn run(args: MockArgs) -> Result<(), Box<dyn std::error::Error + Send 
 
     let opts = MockOptions::from(&args);
     opts.validate()?;
-    let (listener, _) = crate::server::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let (listener, _) =
+        crate::server::bind(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let name = opts.name.clone();
     let handle = spawn(listener, opts)?;
     // Handlers go in before the ready line: whoever reads it may signal at once.
@@ -992,6 +999,10 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+fn unix_now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 #[derive(Serialize, Clone, Copy, Debug, PartialEq)]
 struct Usage {
     prompt_tokens: u32,
@@ -1037,7 +1048,16 @@ fn chat(
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = v.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
         let body = SseBody::new(
-            SsePlan { id, created, model: model.to_owned(), pieces, finish_reason, usage, include_usage },
+            SsePlan {
+                id,
+                created,
+                model: model.to_owned(),
+                pieces,
+                finish_reason,
+                usage,
+                include_usage,
+                stamp: shared.opts.stamp,
+            },
             Instant::now() + delay,
             shared.chunk_interval(faults),
             (faults.mode == FaultMode::BreakStream).then_some(BREAK_AFTER_CHUNKS),
@@ -1222,6 +1242,7 @@ struct SsePlan {
     finish_reason: &'static str,
     usage: Usage,
     include_usage: bool,
+    stamp: bool,
 }
 
 #[derive(Serialize)]
@@ -1235,6 +1256,9 @@ struct ChunkOut<'a> {
     /// Absent without `include_usage`; `null` on every chunk but the last with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Option<Usage>>,
+    /// With `--stamp`: when the chunk was written, Unix microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sent_at_us: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -1378,6 +1402,7 @@ impl SseBody {
             system_fingerprint: "fp_sheepdog_mock",
             choices: &choices,
             usage,
+            sent_at_us: plan.stamp.then(unix_now_us),
         };
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(b"data: ");
