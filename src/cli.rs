@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `check`, `config check`, `mock`. Parses arguments, sets up logging and
+//! The command line: `serve` (default), `check`, `config check`, `mock`, `report`. Parses arguments, sets up logging and
 //! the runtime, and hands over to the module that owns each command.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +30,24 @@ enum Command {
     Config(ConfigCommand),
     /// A simulated OpenAI-compatible upstream, for demos, tests and benchmarks.
     Mock(crate::mock::MockArgs),
+    /// Statistics from the request log: per model and endpoint, a timeline, charts.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The request log (`[log] path` of the gateway's config).
+    #[arg(long, default_value = crate::config::DEFAULT_LOG_PATH)]
+    db: PathBuf,
+    /// The window: requests that arrived this long ago or later (e.g. 15m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: crate::report::Format,
+    /// Also write SVG charts (requests.svg, latency.svg, cost.svg) into this directory.
+    #[arg(long)]
+    charts: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -90,6 +108,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => rt.block_on(serve(a)),
         Command::Check(a) => rt.block_on(check(a)),
         Command::Config(ConfigCommand::Check { config }) => config_check(config.as_deref()),
+        Command::Report(a) => report(&a),
         Command::Mock(a) => match rt.block_on(crate::mock::run(a)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -97,6 +116,27 @@ pub fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+fn report(a: &ReportArgs) -> ExitCode {
+    let since = match config::parse_duration(&a.since) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --since: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::report::run(&a.db, since, a.format, a.charts.as_deref()) {
+        Ok(text) => {
+            use std::io::Write;
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

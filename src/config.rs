@@ -538,7 +538,7 @@ impl Validator<'_> {
         let log = LogConfig {
             enabled: l.enabled.unwrap_or(true),
             path: PathBuf::from(self.opt_string(&l.path, "log.path", DEFAULT_LOG_PATH)?),
-            retention: self.duration(&l.retention, "log.retention", Duration::from_secs(30 * 86_400))?,
+            retention: self.duration(&l.retention, "log.retention", Duration::from_secs(7 * 86_400))?,
         };
         if let Some(p) = &l.path {
             if log.path.as_os_str().is_empty() {

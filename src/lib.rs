@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod chart;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod proxy;
+pub mod report;
 pub mod requestlog;
 pub mod retry;
 pub mod server;

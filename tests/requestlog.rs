@@ -128,6 +128,42 @@ async fn every_answer_is_logged_and_nothing_is_lost_on_graceful_shutdown() {
     // No API key anywhere in the file.
     let bytes = std::fs::read(&db).unwrap();
     assert!(!bytes.windows(6).any(|w| w == b"SECRET"), "an API key reached the request log");
+
+    // `sheepdog report` reads the same rows back.
+    let report = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).arg("report").arg("--db").arg(&db).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let j: serde_json::Value = serde_json::from_str(&report(&["--format", "json", "--since", "1h"])).unwrap();
+    let t = &j["total"];
+    assert_eq!((t["requests"].as_u64(), t["ok"].as_u64()), (Some(6), Some(3)), "{j}");
+    assert_eq!(
+        (t["client_errors"].as_u64(), t["failed"].as_u64(), t["failovers"].as_u64()),
+        (Some(3), Some(0), Some(1))
+    );
+    let gpt = j["models"].as_array().unwrap().iter().find(|m| m["model"] == "gpt-4.1").unwrap();
+    assert_eq!(gpt["requests"], 4);
+    let good = j["endpoints"].as_array().unwrap().iter().find(|e| e["endpoint"] == "good").unwrap();
+    assert_eq!(good["model"], "gpt-4.1");
+    let tokens = usage["prompt_tokens"].as_u64().unwrap() + rows[3].prompt_tokens.unwrap();
+    assert_eq!(
+        t["prompt_tokens"].as_u64(),
+        Some(tokens + rows[4].prompt_tokens.unwrap_or(0) + rows[5].prompt_tokens.unwrap_or(0))
+    );
+    let csv = report(&["--format", "csv"]);
+    assert!(csv.lines().nth(1).unwrap().starts_with("total,,,6,3,3,0,"), "{csv}");
+    let charts = gw.dir.path().join("charts");
+    let table = report(&["--charts", charts.to_str().unwrap()]);
+    assert!(table.contains("6 requests: 3 ok, 3 client errors, 0 failed; 1 failovers"), "{table}");
+    for f in ["requests.svg", "latency.svg", "cost.svg"] {
+        let svg = std::fs::read_to_string(charts.join(f)).unwrap();
+        assert!(svg.starts_with("<svg"), "{f}: {svg}");
+    }
+    // A missing file is an error, not an empty report.
+    let out = std::process::Command::new(BIN).args(["report", "--db", "/nonexistent/x.db"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.db"));
 }
 
 #[tokio::test]

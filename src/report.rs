@@ -1,0 +1,557 @@
+//! `sheepdog report`: statistics from the request log over a window — totals, per requested model, per
+//! endpoint and served model, and a timeline — as a table, JSON or CSV, plus SVG charts (`chart`).
+//!
+//! [`aggregate`] is pure (entries and the time window in, numbers out); the command shell only reads the SQLite
+//! file and writes the output. Knows nothing of the gateway's live state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::chart;
+use crate::requestlog::Entry;
+
+/// What happened to the requests of one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Answered with success (2xx, streams that ended well).
+    pub ok: u64,
+    /// Refused as the client's mistake (4xx but 429; 499: the client went away).
+    pub client_errors: u64,
+    /// Failed for the gateway or its upstreams (5xx, 429, streams that broke).
+    pub failed: u64,
+    /// `failed / requests`.
+    pub error_rate: f64,
+    /// Served after more than one upstream attempt.
+    pub failovers: u64,
+    /// Served by a fallback model (another than the one requested).
+    pub fallbacks: u64,
+    /// Latency of successful answers (arrival to last byte), ms.
+    pub latency_p50_ms: Option<f64>,
+    /// See `latency_p50_ms`.
+    pub latency_p95_ms: Option<f64>,
+    /// See `latency_p50_ms`.
+    pub latency_p99_ms: Option<f64>,
+    /// Time to first byte (first chunk of a stream) of successful answers, ms.
+    pub ttft_p50_ms: Option<f64>,
+    /// See `ttft_p50_ms`.
+    pub ttft_p95_ms: Option<f64>,
+    /// Prompt tokens, as reported by the upstreams.
+    pub prompt_tokens: u64,
+    /// Completion tokens, as reported by the upstreams.
+    pub completion_tokens: u64,
+    /// Cost from the pricing table, USD.
+    pub cost_usd: f64,
+}
+
+/// Stats of one requested model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelRow {
+    /// The model clients asked for.
+    pub model: String,
+    /// Its numbers.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// Stats of one (endpoint, served model).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndpointRow {
+    /// The endpoint that served.
+    pub endpoint: String,
+    /// The model it served.
+    pub model: String,
+    /// Its numbers.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// One time bucket of the timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Bucket {
+    /// Start of the bucket, Unix ms.
+    pub start_ms: i64,
+    /// Requests that arrived in it.
+    pub requests: u64,
+    /// Of which succeeded.
+    pub ok: u64,
+    /// Of which failed (see [`Stats::failed`]).
+    pub failed: u64,
+    /// Median latency of successful answers, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// 95th percentile latency of successful answers, ms.
+    pub latency_p95_ms: Option<f64>,
+    /// Cost, USD.
+    pub cost_usd: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Window start, Unix ms.
+    pub since_ms: i64,
+    /// Window end (the time of the report), Unix ms.
+    pub until_ms: i64,
+    /// Width of the timeline buckets, ms.
+    pub bucket_ms: i64,
+    /// All requests of the window.
+    pub total: Stats,
+    /// Per requested model, most requests first.
+    pub models: Vec<ModelRow>,
+    /// Per endpoint and served model, most requests first.
+    pub endpoints: Vec<EndpointRow>,
+    /// Oldest bucket first; every bucket of the window, empty ones included.
+    pub timeline: Vec<Bucket>,
+}
+
+/// How a logged request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    ClientError,
+    Failed,
+}
+
+fn verdict(e: &Entry) -> Verdict {
+    let broken = matches!(e.error.as_deref(), Some("stream_broken" | "stream_timeout"));
+    match e.status {
+        200..=399 if !broken => Verdict::Ok,
+        200..=399 => Verdict::Failed,
+        429 => Verdict::Failed,
+        400..=499 => Verdict::ClientError,
+        _ => Verdict::Failed,
+    }
+}
+
+/// Nearest-rank percentile `q` of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Accumulates [`Stats`].
+#[derive(Default)]
+struct Acc {
+    s: Stats,
+    latencies: Vec<f64>,
+    ttfts: Vec<f64>,
+}
+
+impl Acc {
+    fn add(&mut self, e: &Entry) {
+        let s = &mut self.s;
+        s.requests += 1;
+        match verdict(e) {
+            Verdict::Ok => {
+                s.ok += 1;
+                self.latencies.push(e.duration_ms);
+                if let Some(t) = e.ttft_ms {
+                    self.ttfts.push(t);
+                }
+                if e.attempts > 1 {
+                    s.failovers += 1;
+                }
+            }
+            Verdict::ClientError => s.client_errors += 1,
+            Verdict::Failed => s.failed += 1,
+        }
+        if e.served_model.as_deref().is_some_and(|m| m != e.model) && e.error.is_none() {
+            s.fallbacks += 1;
+        }
+        s.prompt_tokens += e.prompt_tokens.unwrap_or(0);
+        s.completion_tokens += e.completion_tokens.unwrap_or(0);
+        s.cost_usd += e.cost_usd.unwrap_or(0.0);
+    }
+
+    fn finish(mut self) -> Stats {
+        self.latencies.sort_by(f64::total_cmp);
+        self.ttfts.sort_by(f64::total_cmp);
+        let mut s = self.s;
+        s.error_rate = if s.requests == 0 { 0.0 } else { s.failed as f64 / s.requests as f64 };
+        s.latency_p50_ms = percentile(&self.latencies, 0.50);
+        s.latency_p95_ms = percentile(&self.latencies, 0.95);
+        s.latency_p99_ms = percentile(&self.latencies, 0.99);
+        s.ttft_p50_ms = percentile(&self.ttfts, 0.50);
+        s.ttft_p95_ms = percentile(&self.ttfts, 0.95);
+        s
+    }
+}
+
+/// A bucket width for a window: about 60 buckets, rounded to a width people read easily.
+pub fn bucket_ms(window_ms: i64) -> i64 {
+    const WIDTHS: [i64; 12] = [
+        1_000, 5_000, 10_000, 60_000, 300_000, 900_000, 1_800_000, 3_600_000, 10_800_000, 21_600_000, 43_200_000,
+        86_400_000,
+    ];
+    let target = window_ms / 60;
+    WIDTHS.iter().copied().find(|w| *w >= target).unwrap_or(86_400_000)
+}
+
+/// Aggregate `entries` (any order) of the window `[since_ms, until_ms)`; entries outside it are ignored.
+pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
+    let until_ms = until_ms.max(since_ms + 1);
+    let width = bucket_ms(until_ms - since_ms);
+    let first = since_ms - since_ms.rem_euclid(width);
+    let n_buckets = ((until_ms - 1 - first) / width + 1) as usize;
+    let mut total = Acc::default();
+    let mut models: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(&str, &str), Acc> = BTreeMap::new();
+    let mut buckets: Vec<Acc> = (0..n_buckets).map(|_| Acc::default()).collect();
+    for e in entries.iter().filter(|e| e.ts_ms >= since_ms && e.ts_ms < until_ms) {
+        total.add(e);
+        models.entry(&e.model).or_default().add(e);
+        if let Some(ep) = &e.endpoint {
+            let served = e.served_model.as_deref().unwrap_or(&e.model);
+            endpoints.entry((ep, served)).or_default().add(e);
+        }
+        let i = ((e.ts_ms - first) / width) as usize;
+        if let Some(b) = buckets.get_mut(i) {
+            b.add(e);
+        }
+    }
+    let mut models: Vec<ModelRow> =
+        models.into_iter().map(|(m, a)| ModelRow { model: m.to_owned(), stats: a.finish() }).collect();
+    models.sort_by_key(|m| std::cmp::Reverse(m.stats.requests));
+    let mut endpoints: Vec<EndpointRow> = endpoints
+        .into_iter()
+        .map(|((e, m), a)| EndpointRow { endpoint: e.to_owned(), model: m.to_owned(), stats: a.finish() })
+        .collect();
+    endpoints.sort_by_key(|e| std::cmp::Reverse(e.stats.requests));
+    let timeline = buckets
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let s = a.finish();
+            Bucket {
+                start_ms: first + i as i64 * width,
+                requests: s.requests,
+                ok: s.ok,
+                failed: s.failed,
+                latency_p50_ms: s.latency_p50_ms,
+                latency_p95_ms: s.latency_p95_ms,
+                cost_usd: s.cost_usd,
+            }
+        })
+        .collect();
+    Report { since_ms, until_ms, bucket_ms: width, total: total.finish(), models, endpoints, timeline }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
+}
+
+fn stats_cells(s: &Stats) -> String {
+    format!(
+        "{:>9} {:>7.2}% {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11.4}",
+        s.requests,
+        s.error_rate * 100.0,
+        s.failovers,
+        ms(s.latency_p50_ms),
+        ms(s.latency_p95_ms),
+        ms(s.latency_p99_ms),
+        ms(s.ttft_p50_ms),
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.cost_usd
+    )
+}
+
+const STATS_HEAD: &str =
+    "  REQUESTS  ERRORS% FAILOVERS    P50_MS    P95_MS    P99_MS   TTFT_MS  PROMPT_TOK  COMPLET_TOK    COST_USD";
+
+/// A fixed-width text table.
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let span = |ms: i64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(ms)).to_string();
+    let _ = writeln!(out, "sheepdog report: {} to {}", span(r.since_ms), span(r.until_ms));
+    let _ = writeln!(
+        out,
+        "{} requests: {} ok, {} client errors, {} failed; {} failovers, {} answered by a fallback model\n",
+        r.total.requests, r.total.ok, r.total.client_errors, r.total.failed, r.total.failovers, r.total.fallbacks
+    );
+    let _ = writeln!(out, "{:<34}{STATS_HEAD}", "MODEL");
+    let _ = writeln!(out, "{:<34}{}", "(all)", stats_cells(&r.total));
+    for m in &r.models {
+        let name = if m.model.is_empty() { "(none: invalid request)" } else { &m.model };
+        let _ = writeln!(out, "{:<34}{}", name, stats_cells(&m.stats));
+    }
+    let _ = writeln!(out, "\n{:<34}{STATS_HEAD}", "ENDPOINT / SERVED MODEL");
+    for e in &r.endpoints {
+        let _ = writeln!(out, "{:<34}{}", format!("{}/{}", e.endpoint, e.model), stats_cells(&e.stats));
+    }
+    out
+}
+
+fn ms_duration(ms: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
+/// CSV: one row for the total, one per model, one per endpoint and served model.
+pub fn csv(r: &Report) -> String {
+    let mut out = String::from(
+        "scope,model,endpoint,requests,ok,client_errors,failed,error_rate,failovers,fallbacks,latency_p50_ms,\
+         latency_p95_ms,latency_p99_ms,ttft_p50_ms,ttft_p95_ms,prompt_tokens,completion_tokens,cost_usd\n",
+    );
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_default();
+    let mut row = |scope: &str, model: &str, endpoint: &str, s: &Stats| {
+        let _ = writeln!(
+            out,
+            "{scope},{},{},{},{},{},{},{:.6},{},{},{},{},{},{},{},{},{},{:.8}",
+            csv_field(model),
+            csv_field(endpoint),
+            s.requests,
+            s.ok,
+            s.client_errors,
+            s.failed,
+            s.error_rate,
+            s.failovers,
+            s.fallbacks,
+            opt(s.latency_p50_ms),
+            opt(s.latency_p95_ms),
+            opt(s.latency_p99_ms),
+            opt(s.ttft_p50_ms),
+            opt(s.ttft_p95_ms),
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.cost_usd
+        );
+    };
+    row("total", "", "", &r.total);
+    for m in &r.models {
+        row("model", &m.model, "", &m.stats);
+    }
+    for e in &r.endpoints {
+        row("endpoint", &e.model, &e.endpoint, &e.stats);
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// The charts of a report, as (file name, SVG text).
+pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
+    let labels: Vec<String> = r.timeline.iter().map(|b| time_label(b.start_ms, r.bucket_ms)).collect();
+    let ok: Vec<f64> = r.timeline.iter().map(|b| b.ok as f64).collect();
+    let failed: Vec<f64> = r.timeline.iter().map(|b| b.failed as f64).collect();
+    let other: Vec<f64> = r.timeline.iter().map(|b| (b.requests - b.ok - b.failed) as f64).collect();
+    let width = humantime::format_duration(ms_duration(r.bucket_ms)).to_string();
+    let requests = chart::stacked_bars(
+        &format!("Requests per {width}"),
+        &labels,
+        &[("ok", chart::GREEN, &ok), ("failed", chart::RED, &failed), ("client errors", chart::GREY, &other)],
+    );
+    let p50: Vec<Option<f64>> = r.timeline.iter().map(|b| b.latency_p50_ms).collect();
+    let p95: Vec<Option<f64>> = r.timeline.iter().map(|b| b.latency_p95_ms).collect();
+    let latency = chart::lines(
+        "Latency of successful answers (ms)",
+        &labels,
+        &[("p50", chart::BLUE, &p50), ("p95", chart::ORANGE, &p95)],
+    );
+    let by_model: Vec<(String, f64)> = r.models.iter().map(|m| (m.model.clone(), m.stats.cost_usd)).collect();
+    let cost = chart::horizontal_bars("Cost per requested model (USD)", &by_model);
+    vec![("requests.svg", requests), ("latency.svg", latency), ("cost.svg", cost)]
+}
+
+/// `HH:MM` (UTC) for buckets under a day, `MM-DD` for day buckets.
+fn time_label(start_ms: i64, bucket_ms: i64) -> String {
+    let t = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(start_ms)).to_string();
+    // 2026-11-22T08:15:00Z
+    if bucket_ms >= 86_400_000 {
+        t[5..10].to_owned()
+    } else if bucket_ms < 60_000 {
+        t[11..19].to_owned()
+    } else {
+        t[11..16].to_owned()
+    }
+}
+
+/// Output format of `sheepdog report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned text.
+    Table,
+    /// The whole report as JSON.
+    Json,
+    /// One line per group.
+    Csv,
+}
+
+/// Why a report could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The log file is missing or unreadable.
+    #[error("cannot read the request log {0}: {1}")]
+    Read(String, rusqlite::Error),
+    /// A chart could not be written.
+    #[error("cannot write {0}: {1}")]
+    Write(String, std::io::Error),
+}
+
+/// Read the log at `db`, aggregate the window ending now, and render it; charts go to `charts` if given.
+pub fn run(
+    db: &Path,
+    since: std::time::Duration,
+    format: Format,
+    charts_dir: Option<&Path>,
+) -> Result<String, ReportError> {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let since_ms = now_ms - since.as_millis() as i64;
+    let read_err = |e| ReportError::Read(db.display().to_string(), e);
+    if !db.exists() {
+        return Err(read_err(rusqlite::Error::InvalidPath(db.to_path_buf())));
+    }
+    let conn = crate::requestlog::open_read(db).map_err(read_err)?;
+    let entries = crate::requestlog::read_since(&conn, since_ms).map_err(read_err)?;
+    let report = aggregate(&entries, since_ms, now_ms + 1);
+    if let Some(dir) = charts_dir {
+        std::fs::create_dir_all(dir).map_err(|e| ReportError::Write(dir.display().to_string(), e))?;
+        for (name, svg) in charts(&report) {
+            let path = dir.join(name);
+            std::fs::write(&path, svg).map_err(|e| ReportError::Write(path.display().to_string(), e))?;
+        }
+    }
+    Ok(match format {
+        Format::Table => table(&report),
+        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        Format::Csv => csv(&report),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    fn e(ts: i64, model: &str, endpoint: Option<&str>, status: u16, ms: f64) -> Entry {
+        Entry {
+            ts_ms: T0 + ts,
+            model: model.into(),
+            served_model: endpoint.map(|_| model.to_owned()),
+            endpoint: endpoint.map(str::to_owned),
+            status,
+            attempts: 1,
+            duration_ms: ms,
+            ttft_ms: Some(ms / 2.0),
+            prompt_tokens: Some(10),
+            completion_tokens: Some(20),
+            cost_usd: Some(0.001),
+            ..Entry::begin("chat")
+        }
+    }
+
+    fn sample() -> Vec<Entry> {
+        let mut v: Vec<Entry> = (0..100).map(|i| e(i * 1000, "gpt-4.1", Some("a"), 200, (i + 1) as f64)).collect();
+        v.push(Entry { attempts: 2, ..e(5_000, "gpt-4.1", Some("b"), 200, 7.0) });
+        v.push(Entry { served_model: Some("claude".into()), ..e(6_000, "gpt-4.1", Some("b"), 200, 8.0) });
+        v.push(Entry { error: Some(Cow::Borrowed("no_upstream_available")), ..e(7_000, "gpt-4.1", None, 503, 3.0) });
+        v.push(Entry { error: Some(Cow::Borrowed("stream_broken")), ..e(8_000, "gpt-4.1", Some("a"), 200, 9.0) });
+        v.push(Entry { error: Some(Cow::Borrowed("model_not_found")), ..e(9_000, "nope", None, 404, 0.1) });
+        v.push(Entry { error: Some(Cow::Borrowed("client_closed")), ..e(9_500, "gpt-4.1", Some("a"), 499, 5.0) });
+        v.push(e(-1, "gpt-4.1", Some("a"), 200, 1.0)); // before the window
+        v
+    }
+
+    #[test]
+    fn totals_split_ok_client_errors_and_failures() {
+        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let t = &r.total;
+        assert_eq!(t.requests, 106);
+        assert_eq!((t.ok, t.client_errors, t.failed), (102, 2, 2));
+        assert!((t.error_rate - 2.0 / 106.0).abs() < 1e-12);
+        assert_eq!(t.failovers, 1);
+        assert_eq!(t.fallbacks, 1);
+        assert_eq!(t.prompt_tokens, 1060);
+        assert!((t.cost_usd - 0.106).abs() < 1e-9);
+        // Latency over the 102 successful answers: 1..=100 ms plus 7 and 8 (nearest rank).
+        assert_eq!(t.latency_p50_ms, Some(49.0));
+        assert_eq!(t.latency_p99_ms, Some(99.0));
+        assert_eq!(t.ttft_p50_ms, Some(24.5));
+    }
+
+    #[test]
+    fn groups_by_requested_model_and_by_endpoint_and_served_model() {
+        let r = aggregate(&sample(), T0, T0 + 120_000);
+        assert_eq!(r.models[0].model, "gpt-4.1");
+        assert_eq!(r.models[0].stats.requests, 105);
+        assert_eq!(r.models[1].model, "nope");
+        let names: Vec<(&str, &str, u64)> =
+            r.endpoints.iter().map(|x| (x.endpoint.as_str(), x.model.as_str(), x.stats.requests)).collect();
+        assert_eq!(names, vec![("a", "gpt-4.1", 102), ("b", "claude", 1), ("b", "gpt-4.1", 1)]);
+    }
+
+    #[test]
+    fn the_timeline_covers_the_window_with_empty_buckets() {
+        let r = aggregate(&sample(), T0, T0 + 120_000);
+        assert_eq!(r.bucket_ms, 5_000);
+        assert_eq!(r.timeline.len(), 24);
+        assert_eq!(r.timeline.iter().map(|b| b.requests).sum::<u64>(), 106);
+        assert_eq!(r.timeline[0].requests, 5);
+        assert_eq!(r.timeline[23].requests, 0);
+        assert!(r.timeline.windows(2).all(|w| w[1].start_ms - w[0].start_ms == 5_000));
+    }
+
+    #[test]
+    fn bucket_widths_are_round() {
+        assert_eq!(bucket_ms(60_000), 1_000);
+        assert_eq!(bucket_ms(3_600_000), 60_000);
+        assert_eq!(bucket_ms(86_400_000), 1_800_000);
+        assert_eq!(bucket_ms(30 * 86_400_000), 43_200_000);
+        assert_eq!(bucket_ms(365 * 86_400_000), 86_400_000);
+    }
+
+    #[test]
+    fn formats_carry_the_same_numbers() {
+        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let c = csv(&r);
+        let lines: Vec<&str> = c.lines().collect();
+        assert_eq!(lines.len(), 1 + 1 + 2 + 3);
+        assert!(lines[0].starts_with("scope,model,endpoint,requests,ok,"));
+        assert!(lines[1].starts_with("total,,,106,102,2,2,"), "{}", lines[1]);
+        assert!(c.contains("\nendpoint,claude,b,1,1,0,0,"), "{c}");
+        let t = table(&r);
+        assert!(t.contains("106 requests: 102 ok, 2 client errors, 2 failed; 1 failovers"), "{t}");
+        assert!(t.contains("a/gpt-4.1"), "{t}");
+        let j: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["total"]["requests"], 106);
+        assert_eq!(j["models"][0]["model"], "gpt-4.1");
+        assert_eq!(j["endpoints"][0]["endpoint"], "a");
+    }
+
+    #[test]
+    fn charts_are_svg_with_one_bar_group_per_bucket() {
+        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let c = charts(&r);
+        let names: Vec<&str> = c.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, vec!["requests.svg", "latency.svg", "cost.svg"]);
+        for (_, svg) in &c {
+            assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        }
+        assert!(c[0].1.contains("Requests per 5s"));
+        // 20 non-empty buckets carry an `ok` bar.
+        assert_eq!(c[0].1.matches("class=\"s0\"").count(), 20, "{}", c[0].1);
+    }
+
+    #[test]
+    fn an_empty_log_gives_zeros_not_errors() {
+        let r = aggregate(&[], T0, T0 + 3_600_000);
+        assert_eq!(r.total, Stats::default());
+        assert!(r.models.is_empty());
+        assert_eq!(r.timeline.len(), 60);
+        assert_eq!(charts(&r).len(), 3);
+    }
+}
