@@ -240,11 +240,18 @@ pub fn answer_usage(body: &[u8]) -> Result<Option<Usage>, String> {
     Ok(v.usage)
 }
 
-/// Usage carried by one SSE payload chunk (`data: {...}` lines), if any: only the chunk with a `usage` object
-/// is parsed, so ordinary delta chunks cost one substring search.
+/// Usage carried by one SSE payload chunk (`data: {...}` lines), if any. Only a chunk with a `"usage"` key
+/// followed by an object is parsed, so ordinary delta chunks (also those with `"usage":null`, as OpenAI sends
+/// with `include_usage`) cost one substring search.
 pub fn stream_usage(chunk: &[u8]) -> Option<Usage> {
-    let needle = b"\"usage\"";
-    chunk.windows(needle.len()).position(|w| w == needle)?;
+    let key = memchr::memmem::Finder::new(b"\"usage\"");
+    let has_object = key.find_iter(chunk).any(|at| {
+        let rest = chunk[at + 7..].trim_ascii_start();
+        rest.strip_prefix(b":").is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
+    });
+    if !has_object {
+        return None;
+    }
     let mut found = None;
     for line in chunk.split(|&b| b == b'\n') {
         let Some(data) = line.strip_prefix(b"data:") else { continue };
@@ -389,6 +396,11 @@ mod tests {
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
         assert_eq!(stream_usage(chunk), Some(Usage { prompt_tokens: 2, completion_tokens: 9 }));
         assert_eq!(stream_usage(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"), None);
+        // `"usage": null` on ordinary chunks (OpenAI with include_usage), and the word in the content.
+        assert_eq!(stream_usage(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\": null}\n\n"), None);
+        assert_eq!(stream_usage(b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n"), None);
+        let spaced = b"data: {\"choices\": [], \"usage\" : {\"prompt_tokens\": 1, \"completion_tokens\": 2}}\n\n";
+        assert_eq!(stream_usage(spaced), Some(Usage { prompt_tokens: 1, completion_tokens: 2 }));
     }
 
     #[test]

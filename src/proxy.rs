@@ -723,6 +723,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             upstream,
             idle,
             end_by,
+            last_data: Instant::now(),
             timer: Box::pin(tokio::time::sleep_until((Instant::now() + idle).min(end_by))),
             acct,
             finished: false,
@@ -876,6 +877,8 @@ pub struct Relay {
     upstream: Incoming,
     idle: Duration,
     end_by: Instant,
+    /// When the last chunk arrived: the idle deadline is `last_data + idle` (capped by `end_by`).
+    last_data: Instant,
     timer: Pin<Box<Sleep>>,
     acct: Accounting,
     finished: bool,
@@ -906,8 +909,8 @@ impl Relay {
                     if let Some(u) = openai::stream_usage(&data) {
                         self.acct.usage = Some(u);
                     }
-                    let next = (Instant::now() + self.idle).min(self.end_by);
-                    self.timer.as_mut().reset(next);
+                    // The idle timer is pushed back lazily, when it fires (see below): not once per chunk.
+                    self.last_data = Instant::now();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(_))) => return self.fail("connection lost mid-stream", "error"),
@@ -918,8 +921,12 @@ impl Relay {
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    if self.timer.as_mut().poll(cx).is_ready() {
-                        return self.fail("no data within the timeout", "timeout");
+                    while self.timer.as_mut().poll(cx).is_ready() {
+                        let due = (self.last_data + self.idle).min(self.end_by);
+                        if Instant::now() >= due {
+                            return self.fail("no data within the timeout", "timeout");
+                        }
+                        self.timer.as_mut().reset(due);
                     }
                     return Poll::Pending;
                 }

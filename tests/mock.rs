@@ -355,6 +355,27 @@ async fn stream_usage_chunk_only_with_include_usage() {
 }
 
 #[tokio::test]
+async fn stamp_flag_marks_each_chunk_with_its_write_time() {
+    let unix_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let mock = Mock::start(&["--tokens-per-sec", "20", "--stamp"]);
+    let client = client();
+    let before = unix_us();
+    let body = chat_body("gpt-4.1", json!({"stream": true, "max_tokens": 4}));
+    let s = stream(&client, &mock.url("/v1/chat/completions"), &body).await;
+    let after = unix_us();
+    let stamps: Vec<u64> = s.chunks().iter().map(|c| c["sent_at_us"].as_u64().expect("stamped")).collect();
+    assert_eq!(stamps.len(), 1 + 4 + 1);
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    assert!(before <= stamps[0] && stamps[stamps.len() - 1] <= after, "{before} {stamps:?} {after}");
+    // Pieces are paced 50 ms apart, and the stamps say so.
+    assert!(stamps[4] - stamps[1] >= 140_000, "{stamps:?}");
+
+    let plain = Mock::start(&["--tokens-per-sec", "0"]);
+    let chunks = stream(&client, &plain.url("/v1/chat/completions"), &body).await.chunks();
+    assert!(chunks.iter().all(|c| c.get("sent_at_us").is_none()));
+}
+
+#[tokio::test]
 async fn answer_tokens_flag_lengthens_answers() {
     let mock = Mock::start(&["--name", "long", "--answer-tokens", "200", "--tokens-per-sec", "0"]);
     let client = client();

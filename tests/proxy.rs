@@ -346,3 +346,33 @@ async fn embedded_demo_serves_with_no_config() {
     let dash = get(&proc.url("/dashboard")).await;
     assert!(dash.text().contains("<title>sheepdog</title>"));
 }
+
+#[tokio::test]
+async fn stream_idle_timeout_counts_from_the_last_chunk() {
+    // Chunks 100 ms apart, an idle limit of 300 ms: a 2 s stream is never idle for 300 ms and must finish.
+    let m = mock("alpha", "gpt-4.1", &["--tokens-per-sec", "10"]);
+    let cfg = config(
+        &[("alpha", m.addr, "first_byte_timeout = \"300ms\"\nmodels = [\"gpt-4.1\"]")],
+        &model("gpt-4.1", ""),
+        "",
+    );
+    let gw = gateway(&cfg, &[]);
+    let url = gw.url("/v1/chat/completions");
+    let body = r#"{"model":"gpt-4.1","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"hi"}]}"#;
+    let s = stream(&url, body).await;
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert!(!s.text().contains("\"error\""), "{}", s.text());
+    assert_eq!(s.content(), expected("alpha", "gpt-4.1"), "all 20 pieces");
+    assert!(s.frames.last().unwrap().0 >= Duration::from_millis(1800), "the stream took its 2 s");
+
+    // Now 400 ms between chunks: the stream is cut 300 ms after a chunk, with an SSE error event.
+    faults(&m, r#"{"mode":"slow","latency_ms":0}"#).await;
+    let s = stream(&url, body).await;
+    assert!(s.error.is_none(), "a clean close: {:?}", s.error);
+    let events = s.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let err: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("no data within the timeout"), "{err}");
+    let (first, last) = (s.frames[0].0, s.frames.last().unwrap().0);
+    assert!(last - first < Duration::from_millis(1500), "cut soon after the first gap: {:?}", last - first);
+}
