@@ -20,7 +20,7 @@ GATEWAYS = ["sheepdog", "nginx-proxy", "litellm"]
 runs = {}  # (target, rate) -> [rep dicts in rep order]
 for path in sorted(glob.glob(os.path.join(out, "runs", "*-*-*.json"))):
     base = os.path.basename(path)[:-5]
-    if base.startswith("stream"):
+    if base.startswith("stream") or base.startswith("fault-"):
         continue
     target, rate, rep = base.rsplit("-", 2)
     with open(path) as f:
@@ -153,6 +153,38 @@ if streams:
                      f"| {fmt(tr.get('p50'))} | {fmt(tr.get('p99'))} | {fmt(tr.get('p999'))} "
                      f"| {fmt(added_chunk(t, 'p50'), plus=True)} | {fmt(added_chunk(t, 'p99'), plus=True)} "
                      f"| {f'{rss / 1024:.1f} MB' if rss else '–'} |")
+
+faults = {}
+for path in sorted(glob.glob(os.path.join(out, "runs", "fault-*.json"))):
+    _, mode, target = os.path.basename(path)[:-5].split("-", 2)
+    with open(path) as f:
+        faults[(mode, target)] = json.load(f)
+if faults:
+    lines += ["", "### Failover under load (1,000 req/s for 20 s; one of three upstreams misbehaves from 5 s to 15 s)", "",
+              "Upstreams: three `sheepdog mock` per gateway. sheepdog: breaker 3 failures / 30 s, `first_byte_timeout` "
+              "2 s, `max_attempts` 3; *hedged*: the same with `hedge_after = \"100ms\"`. nginx: `proxy_next_upstream "
+              "error timeout http_500 http_502 http_503 http_429 non_idempotent`, `max_fails=3 fail_timeout=30s`, "
+              "2 s connect and read timeouts.", "",
+              "*Cut off* counts requests still in flight when the 20 s load stopped (oha aborts them): not "
+              "failures. p99 over the 20 s, fault or not.", "",
+              "| fault | target | answered 200 | other answers | cut off | p50 ms | p99 ms | p99.9 ms | max ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for mode in ("none", "error_500", "hang", "killed"):
+        for t in ("sheepdog", "sheepdog-hedged", "nginx-failover"):
+            d = faults.get((mode, t))
+            if not d:
+                continue
+            codes = d.get("statusCodeDistribution", {})
+            n = sum(codes.values())
+            errs = d.get("errorDistribution", {})
+            cut = sum(v for k, v in errs.items() if "deadline" in k)
+            other = ", ".join([f"{k}: {v}" for k, v in sorted(codes.items()) if k != "200"] +
+                              [f"{k}: {v}" for k, v in sorted(errs.items()) if "deadline" not in k]) or "none"
+            lp = d["latencyPercentiles"]
+            mx = d.get("summary", {}).get("slowest")
+            lines.append(f"| {mode} | {t} | {codes.get('200', 0) / (n or 1) * 100:.2f} % of {n} | {other} | {cut} "
+                         f"| {fmt(lp['p50'] * 1000)} | {fmt(lp['p99'] * 1000)} | {fmt((lp.get('p99.9') or 0) * 1000)} "
+                         f"| {fmt(mx * 1000 if mx else None)} |")
 
 # The targets of the performance issue, checked against this run.
 checks = []

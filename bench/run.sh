@@ -2,9 +2,11 @@
 # Side-by-side overhead benchmark: the same loads straight to the upstream, through sheepdog, through nginx as a
 # reverse proxy (the floor for any HTTP proxy hop on this machine) and through LiteLLM proxy.
 #
-# Usage: bench/run.sh [--quick] [--no-litellm]
+# Usage: bench/run.sh [--quick] [--no-litellm] [--only fixed|failover|stream]
 #   --quick        3 s per repetition instead of 10 s (a smoke run of the harness itself)
 #   --no-litellm   skip LiteLLM (it takes minutes to install)
+#   --only S       run one section: the fixed-rate and throughput loads, the failover drills or the streams
+# A full run (no option) writes its tables into BENCHMARKS.md and its chart into bench/results/.
 # Installs what it needs: nginx from Debian, oha from crates.io, LiteLLM and matplotlib into bench/.venv, and builds
 # sheepdog and the loadgen example in release mode. Writes bench/out/*.json, bench/out/table.md and
 # bench/out/overhead.png (bench/report.py).
@@ -15,10 +17,14 @@
 # Each fixed-rate load is measured as 3 interleaved repetitions per target; the tables quote the median repetition.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REP=10; LITELLM=1
-for a in "$@"; do
+REP=10; LITELLM=1; ONLY=
+args=(); while [ $# -gt 0 ]; do
+  if [ "$1" = --only ]; then args+=("--only=${2:-}"); shift 2; else args+=("$1"); shift; fi
+done
+for a in "${args[@]}"; do
   case "$a" in
     --quick) REP=3 ;;
+    --only=*) ONLY=${a#--only=} ;;
     --no-litellm) LITELLM=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
@@ -77,6 +83,18 @@ http {
     listen 127.0.0.1:18084;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+  upstream mocks {
+    server 127.0.0.1:18097 max_fails=3 fail_timeout=30s; server 127.0.0.1:18098 max_fails=3 fail_timeout=30s;
+    server 127.0.0.1:18099 max_fails=3 fail_timeout=30s; keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:18087;
+    location / {
+      proxy_pass http://mocks; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_next_upstream error timeout http_500 http_502 http_503 http_429 non_idempotent;
+      proxy_connect_timeout 2s; proxy_read_timeout 2s;
+    }
+  }
   server {
     listen 127.0.0.1:18086;
     location / {
@@ -96,8 +114,16 @@ NGINX
   for e in s1 s2 s3; do
     printf '[[endpoints]]\nname = "%s"\nbase_url = "http://127.0.0.1:18085/v1"\napi_keys = ["sk-bench-%s"]\nmodels = ["mock-stream"]\n' "$e" "$e"
   done
+  # The failover runs: model fo-plain on mocks 18091-18093, fo-hedged (hedge_after 100ms) on 18094-18096.
+  for m in 1 2 3 4 5 6; do
+    model=fo-plain; [ $m -gt 3 ] && model=fo-hedged
+    printf '[[endpoints]]\nname = "fo%s"\nbase_url = "http://127.0.0.1:1809%s/v1"\napi_keys = ["sk-bench-fo"]\n' $m $m
+    printf 'first_byte_timeout = "2s"\nmodels = ["%s"]\n' $model
+  done
   printf '[[models]]\nname = "gpt-4.1"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n'
   printf '[[models]]\nname = "mock-stream"\ninput_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.4\n'
+  printf '[[models]]\nname = "fo-plain"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n'
+  printf '[[models]]\nname = "fo-hedged"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\nhedge_after = "100ms"\n'
 } > "$OUT/sheepdog.toml"
 cat > "$OUT/litellm.yaml" <<YAML
 model_list:
@@ -114,9 +140,25 @@ print(json.dumps({"model": "gpt-4.1", "max_tokens": 64, "messages": [
     {"role": "user", "content": "Summarise the following text in one sentence: " + "lorem ipsum dolor sit amet " * 22}]}))
 PY
 
+python3 -c "import json,sys;d=json.load(open(sys.argv[1]));d['model']='fo-plain';print(json.dumps(d))" \
+  "$OUT/request.json" > "$OUT/request-fo-plain.json"
+sed 's/"fo-plain"/"fo-hedged"/' "$OUT/request-fo-plain.json" > "$OUT/request-fo-hedged.json"
+
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+declare -A MOCK
+cleanup() {
+  for p in "${PIDS[@]}" "${MOCK[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f -- '--name m1809' 2>/dev/null || true  # failover mocks restarted in a subshell
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
+# The failover runs' upstreams: nine small mocks (three per gateway), answering at once.
+fo_mock() { # port
+  taskset -c $AUX_CPU $SHEEPDOG mock --listen "127.0.0.1:$1" --name "m$1" --models fo-plain,fo-hedged \
+    --tokens-per-sec 0 >> "$OUT/fo-mocks.log" 2>&1 &
+  MOCK[$1]=$!
+}
+for port in 18091 18092 18093 18094 18095 18096 18097 18098 18099; do fo_mock $port; done
 taskset -c $AUX_CPU nginx -c "$PWD/$OUT/nginx.conf" & PIDS+=($!)
 taskset -c $AUX_CPU $SHEEPDOG mock --listen 127.0.0.1:18085 --models mock-stream --answer-tokens 200 \
   --tokens-per-sec 20 --stamp > "$OUT/mock.log" 2>&1 & PIDS+=($!)
@@ -155,11 +197,11 @@ auth() { [ "$1" = litellm ] && echo "authorization: Bearer sk-litellm-bench" || 
 # One oha run: target, rate (0 = as fast as possible), seconds, output file. The load generator is pinned to
 # the auxiliary core; -q holds the rate and --latency-correction counts queueing (no coordinated omission).
 oha_run() {
-  local t=$1 rate=$2 secs=$3 file=$4 q=()
+  local t=$1 rate=$2 secs=$3 file=$4 body=${5:-$OUT/request.json} q=()
   [ "$rate" != 0 ] && q=(-q "$rate" --latency-correction)
   local before=0; [ -n "${PID[$t]:-}" ] && before=$(cpu_of "${PID[$t]}")
   taskset -c $AUX_CPU oha -z "${secs}s" -c 64 "${q[@]}" --no-tui --output-format json -m POST \
-    -H 'content-type: application/json' -H "$(auth "$t")" -D "$OUT/request.json" "${URL[$t]}" > "$file"
+    -H 'content-type: application/json' -H "$(auth "$t")" -D "$body" "${URL[$t]}" > "$file"
   if [ -n "${PID[$t]:-}" ]; then
     echo "$(( $(cpu_of "${PID[$t]}") - before ))" > "$file.cpu"
   fi
@@ -177,13 +219,50 @@ load() { # rate targets...
     done
   done
 }
+section() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+if section fixed; then
 load 1000 direct sheepdog nginx-proxy
 load 3000 direct sheepdog nginx-proxy
 load 0 direct sheepdog nginx-proxy
-if [ -n "$LL" ]; then
+fi
+if section fixed && [ -n "$LL" ]; then
   load 20 direct sheepdog nginx-proxy litellm
   load 1000 litellm
   load 0 litellm
+fi
+
+# Failover under load: 1,000 req/s for 20 s through three upstream mocks per gateway; from 5 s to 15 s one of
+# them misbehaves: answers 500, hangs (accepts, never answers), or its process is killed (and restarted at 15 s).
+# sheepdog as configured above (breaker 3 failures / 30 s recovery, first_byte_timeout 2s, max_attempts 3), once
+# plain and once with hedge_after = 100ms; nginx with its passive failover switched on (proxy_next_upstream on
+# errors, timeouts, 500/502/503/429, for POST too; max_fails=3 fail_timeout=30s; 2 s timeouts).
+URL[sheepdog-hedged]=${URL[sheepdog]}; PID[sheepdog-hedged]=$SD
+URL[nginx-failover]=http://127.0.0.1:18087/v1/chat/completions
+declare -A FO_PORT=([sheepdog]=18092 [sheepdog-hedged]=18095 [nginx-failover]=18098)
+declare -A FO_BODY=([sheepdog]=$OUT/request-fo-plain.json [sheepdog-hedged]=$OUT/request-fo-hedged.json
+                    [nginx-failover]=$OUT/request-fo-plain.json)
+fault() { # port mode|killed|restart
+  case "$2" in
+    killed) kill -9 "${MOCK[$1]}" 2>/dev/null || true ;;
+    restart) fo_mock "$1" ;;
+    *) curl -s -o /dev/null -X POST "http://127.0.0.1:$1/_mock/faults" -d "{\"mode\":\"$2\"}" ;;
+  esac
+}
+if section failover; then
+for t in sheepdog sheepdog-hedged nginx-failover; do oha_run "$t" 1000 2 /dev/null "${FO_BODY[$t]}"; done
+for f in none error_500 hang killed; do
+  for t in sheepdog sheepdog-hedged nginx-failover; do
+    port=${FO_PORT[$t]}; fpid=
+    if [ "$f" != none ]; then
+      ( sleep 5; fault "$port" "$f"; sleep 10; if [ "$f" = killed ]; then fault "$port" restart; else fault "$port" ok; fi ) &
+      fpid=$!
+    fi
+    oha_run "$t" 1000 20 "$OUT/runs/fault-$f-$t.json" "${FO_BODY[$t]}"
+    [ -n "$fpid" ] && wait "$fpid" 2>/dev/null || true
+    echo "fault $f via $t: $(summary "$OUT/runs/fault-$f-$t.json") $(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['statusCodeDistribution'])" "$OUT/runs/fault-$f-$t.json")"
+  done
+  sleep 15 # the faulted upstreams' breakers (30 s) close again before the next fault; each waited 20 s already
+done
 fi
 
 # Streaming: 1,000 concurrent streams of 200 chunks paced at 20 chunks/s by the mock, which stamps every chunk
@@ -208,6 +287,7 @@ PY
 declare -A SURL=([direct]=http://127.0.0.1:18085/v1/chat/completions [sheepdog]=http://127.0.0.1:18080/v1/chat/completions
                  [nginx-proxy]=http://127.0.0.1:18086/v1/chat/completions [litellm]=http://127.0.0.1:18090/v1/chat/completions)
 STARGETS=(direct sheepdog nginx-proxy)
+if section stream; then
 for t in "${STARGETS[@]}"; do stream_run "$t" "${SURL[$t]}" "" 5 "$OUT/runs/stream-cold-$t.json"; done
 for rep in 1 2 3; do
   for t in "${STARGETS[@]}"; do stream_run "$t" "${SURL[$t]}" "${PID[$t]:-}" 200 "$OUT/runs/stream-$t-$rep.json"; done
@@ -215,6 +295,7 @@ done
 if [ -n "$LL" ]; then
   stream_run litellm "${SURL[litellm]}" "" 5 "$OUT/runs/stream-cold-litellm.json"
   stream_run litellm "${SURL[litellm]}" "$LL" 200 "$OUT/runs/stream-litellm-1.json"
+fi
 fi
 
 ps -o rss= -p "$SD" > "$OUT/sheepdog-rss-kb.txt"
@@ -230,7 +311,7 @@ out = sys.argv[1]
 m = urllib.request.urlopen("http://127.0.0.1:18080/metrics").read().decode()
 val = lambda name: sum(float(x) for x in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", m, re.M))
 rows = sqlite3.connect(f"file:{out}/sheepdog.db?mode=ro", uri=True).execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-print("### sheepdog's own accounting of the run", "", "| | |", "| --- | --- |")
+print("### sheepdog's own accounting of the run\n\n| | |\n| --- | --- |")
 print(f"| client requests answered (request log rows so far) | {rows:,} |")
 print(f"| request log rows dropped | {val('sheepdog_request_log_dropped_total'):.0f} |")
 statuses = {}
@@ -239,7 +320,7 @@ for s, n in re.findall(r'sheepdog_requests_total{[^}]*status="(\w+)"} (\S+)', m)
 print(f"| upstream attempts by status | {', '.join(f'{s}: {n:,.0f}' for s, n in sorted(statuses.items()))} |")
 print(f"| health probes sent | {val('sheepdog_probes_total'):,.0f} |")
 PY
-if [ "$REP" = 10 ]; then
+if [ "$REP" = 10 ] && [ -z "$ONLY" ]; then
   bench/.venv/bin/python bench/report.py "$OUT" --publish
 else
   bench/.venv/bin/python bench/report.py "$OUT"
