@@ -405,6 +405,28 @@ where
     Some(if pick_b { ib } else { ia })
 }
 
+/// Requests sent to an endpoint since its last answer before [`stalled`] may call it stalled.
+pub const STALL_MIN_UNANSWERED: u32 = 8;
+
+/// How many times its usual latency an endpoint must have been silent to be stalled.
+pub const STALL_FACTOR: f64 = 4.0;
+
+/// The shortest silence that may count as a stall, ms.
+pub const STALL_FLOOR_MS: f64 = 20.0;
+
+/// Whether an endpoint looks hung: at least [`STALL_MIN_UNANSWERED`] requests went to it since it last
+/// answered anything, and the oldest of them has waited longer than [`STALL_FACTOR`] times its latency EWMA
+/// (at least [`STALL_FLOOR_MS`]). A hung endpoint (it accepts requests and never answers) keeps receiving its
+/// share of new requests until timeouts tell its breaker, seconds later; this notices within a few requests.
+/// A healthy endpoint answers all the time, so a burst of requests does not stall it, not even after a quiet
+/// spell; an endpoint whose latency is not known yet is never called stalled.
+pub fn stalled(unanswered: u32, oldest_waiting_ms: u64, latency_ewma_ms: f64) -> bool {
+    if unanswered < STALL_MIN_UNANSWERED || latency_ewma_ms.is_nan() || latency_ewma_ms < 0.0 {
+        return false;
+    }
+    oldest_waiting_ms as f64 > (STALL_FACTOR * latency_ewma_ms).max(STALL_FLOOR_MS)
+}
+
 /// Slow-start ramp of an endpoint that recovered `since_recovered_ms` ago: a linear
 /// ramp from [`SLOW_START_FLOOR`] to 1.0 over `window_ms` (1.0 when the window is 0).
 pub fn slow_start_factor(since_recovered_ms: u64, window_ms: u64) -> f64 {
@@ -921,5 +943,18 @@ mod tests {
             }
         }
         assert_eq!(total, [1_200, 800, 400], "one shared cycle, whatever the interleaving");
+    }
+
+    #[test]
+    fn an_endpoint_is_stalled_when_requests_pile_up_and_it_stays_silent() {
+        // 0.3 ms usual latency: silent for 25 ms with 8 requests waiting is a hang.
+        assert!(stalled(8, 25, 0.3));
+        assert!(!stalled(7, 25, 0.3), "below the minimum of unanswered requests");
+        assert!(!stalled(8, 15, 0.3), "below the floor of silence");
+        // A 2 s upstream: 30 requests of a burst and 5 s without an answer is normal; 9 s is not.
+        assert!(!stalled(30, 5_000, 2_000.0));
+        assert!(stalled(30, 9_000, 2_000.0));
+        // Unknown latency: no judgement.
+        assert!(!stalled(1000, 60_000, f64::NAN));
     }
 }

@@ -19,7 +19,7 @@ th,td{padding:.45rem .7rem;border-bottom:1px solid #eee;text-align:left} th{back
 <a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a></div>
 <p id="global">loading…</p>
 <table><thead><tr><th>Endpoint</th><th>Model</th><th>Status</th><th>Breaker</th><th>Latency (mean / p95)</th>
-<th>Success rate</th><th>Checks</th></tr></thead><tbody id="rows"></tbody></table>
+<th>Success rate</th><th>Checks</th><th>In flight</th></tr></thead><tbody id="rows"></tbody></table>
 <script>
 function fmt(v,d){return v==null?"–":v.toFixed(d)}
 function esc(s){return String(s).replace(/[&<>"']/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]))}
@@ -33,7 +33,8 @@ async function refresh(){
     for(const e of s.endpoints){for(const m of e.models){
       rows.push("<tr><td>"+esc(e.name)+(e.enabled?"":" (disabled)")+"</td><td>"+esc(m.model)+"</td><td><span class='pill "+m.status+"'>"+m.status+
       "</span></td><td><span class='pill "+m.breaker+"'>"+m.breaker.replace("_","-")+"</span></td><td>"+fmt(m.latency_ms,0)+" / "+fmt(m.p95_ms,0)+
-      " ms</td><td>"+(m.success_rate==null?"–":(m.success_rate*100).toFixed(1)+"%")+"</td><td>"+m.checks+"</td></tr>");
+      " ms</td><td>"+(m.success_rate==null?"–":(m.success_rate*100).toFixed(1)+"%")+"</td><td>"+m.checks+"</td><td>"+m.in_flight+
+      (m.unanswered>=8?" <span class='pill degraded'>stalled?</span>":"")+"</td></tr>");
     }}
     document.getElementById("rows").innerHTML=rows.join("");
   }catch(err){document.getElementById("global").textContent="gateway unreachable: "+err}

@@ -324,6 +324,9 @@ fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeR
             pair.metrics.cost_probe.inc_by(cost);
         }
     }
+    if r.status.is_some() {
+        pair.answered();
+    }
     let outcome = if r.ok {
         Outcome::Success(r.ttfb_ms)
     } else if r.auth_failed {

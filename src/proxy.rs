@@ -27,7 +27,7 @@ use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, RequestInfo, Usage};
 use crate::requestlog::Entry;
 use crate::retry::{self, Backoff, Verdict};
-use crate::state::{Endpoint, Member, Model, Outcome, Pair, Runtime, Source};
+use crate::state::{Endpoint, InFlight, Member, Model, Outcome, Pair, Runtime, Source};
 
 /// Response header: the endpoint that served.
 pub const H_ENDPOINT: HeaderName = HeaderName::from_static("x-sheepdog-endpoint");
@@ -597,6 +597,8 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
         })
     };
     let guard = AttemptGuard { ctx, pair, ep, admitted_ms, done: AtomicBool::new(false) };
+    // Counted until the answer is read (a stream: until it ends), however the attempt ends.
+    let in_flight = InFlight::start(&member.pair, now);
     let record = |o: Outcome| guard.record(o);
     let body = openai::rewrite_model(ctx.body, ctx.info, &member.upstream_model);
     let started = Instant::now();
@@ -632,6 +634,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             }
             Ok(Ok(r)) => r,
         };
+        pair.answered();
         let status = resp.status().as_u16();
         if retry::classify_status(status) == Verdict::AuthError {
             pair.metrics.request(&ctx.gw.metrics, crate::metrics::status_label(status));
@@ -716,6 +719,7 @@ async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admitted_ms: u64
             usage: openai::stream_usage(&first),
             done: false,
             log: None,
+            _in_flight: in_flight,
         };
         let idle = ep.cfg.first_byte_timeout;
         let relay = Relay {
@@ -829,6 +833,7 @@ struct Accounting {
     done: bool,
     /// The request's log entry and arrival time, written when the stream ends.
     log: Option<(Entry, Instant)>,
+    _in_flight: InFlight,
 }
 
 impl Accounting {

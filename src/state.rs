@@ -5,13 +5,13 @@
 //! (`breaker`, `history`, `balance`); this module only holds state and applies outcomes. Does no network I/O.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::balance::{Balancer, Candidate, Ewma, Tier};
+use crate::balance::{Balancer, Candidate, Ewma, Strategy, Tier};
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use crate::config::{Config, EndpointConfig, ModelConfig, ModelKind};
 use crate::history::{Check, History, Status, StatusPolicy};
@@ -61,8 +61,55 @@ pub struct Pair {
     pub recovered_at_ms: AtomicU64,
     /// When (ms) the next probe is due.
     pub next_probe_ms: AtomicU64,
+    /// Live requests sent and not answered yet (streams: until they end); see [`InFlight`].
+    pub in_flight: AtomicU32,
+    /// Live requests sent since the endpoint last answered anything (a response head or a probe answer).
+    pub unanswered: AtomicU32,
+    /// When (ms) the oldest of the `unanswered` requests was sent.
+    pub waiting_since_ms: AtomicU64,
     /// Metric handles.
     pub metrics: PairMetrics,
+}
+
+/// One outstanding live request on a pair: counted in [`Pair::in_flight`] from creation to drop, and in
+/// [`Pair::unanswered`] until the pair answers something.
+pub struct InFlight(Arc<Pair>);
+
+impl InFlight {
+    /// Count a request sent to `pair` at `now_ms` until the token is dropped.
+    pub fn start(pair: &Arc<Pair>, now_ms: u64) -> InFlight {
+        pair.in_flight.fetch_add(1, Ordering::Relaxed);
+        if pair.unanswered.fetch_add(1, Ordering::Relaxed) == 0 {
+            pair.waiting_since_ms.store(now_ms, Ordering::Relaxed);
+        }
+        InFlight(pair.clone())
+    }
+}
+
+impl Pair {
+    /// The endpoint answered (a response head, whatever its status): it is not stalled.
+    pub fn answered(&self) {
+        if self.unanswered.load(Ordering::Relaxed) != 0 {
+            self.unanswered.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether requests pile up on the pair unanswered ([`crate::balance::stalled`]).
+    pub fn stalled(&self, now_ms: u64) -> bool {
+        let waiting = self.unanswered.load(Ordering::Relaxed);
+        waiting != 0
+            && crate::balance::stalled(
+                waiting,
+                now_ms.saturating_sub(self.waiting_since_ms.load(Ordering::Relaxed)),
+                self.ewma.value(),
+            )
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn status_code(s: Status) -> u8 {
@@ -104,6 +151,10 @@ pub struct PairView {
     pub checks: usize,
     /// Whether the pair can take traffic now.
     pub can_serve: bool,
+    /// Live requests outstanding.
+    pub in_flight: u32,
+    /// Live requests sent since the endpoint last answered.
+    pub unanswered: u32,
 }
 
 impl Pair {
@@ -124,6 +175,9 @@ impl Pair {
             last_traffic_ms: AtomicU64::new(0),
             recovered_at_ms: AtomicU64::new(0),
             next_probe_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            unanswered: AtomicU32::new(0),
+            waiting_since_ms: AtomicU64::new(0),
             metrics: m,
         }
     }
@@ -271,6 +325,8 @@ impl Pair {
             success_rate: h.success_rate(),
             checks: h.len(),
             can_serve: tier != Tier::Unavailable && self.status() != Status::Unhealthy,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            unanswered: self.unanswered.load(Ordering::Relaxed),
         }
     }
 
@@ -466,7 +522,9 @@ impl Runtime {
         (ratio, up * 2 < total)
     }
 
-    /// Candidates of a model for the balancer (fills `out`, reusing its allocation).
+    /// Candidates of a model for the balancer (fills `out`, reusing its allocation). Except under the
+    /// priority strategy, a healthy member on which unanswered requests pile up ([`Pair::stalled`]) is offered
+    /// as degraded, so that new requests go to its peers while it does not answer.
     pub fn candidates(&self, model: &Model, now_ms: u64, slow_start_ms: u64, out: &mut Vec<Candidate>) {
         out.clear();
         for m in &model.members {
@@ -484,6 +542,14 @@ impl Runtime {
                 tier,
                 slow_start,
             });
+        }
+        if model.balancer.strategy() == Strategy::Priority {
+            return;
+        }
+        for (m, c) in model.members.iter().zip(out.iter_mut()) {
+            if c.tier == Tier::Healthy && m.pair.stalled(now_ms) {
+                c.tier = Tier::Degraded;
+            }
         }
     }
 }

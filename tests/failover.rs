@@ -370,3 +370,51 @@ async fn probes_are_priced_and_global_degraded_turns_on_when_most_pairs_are_down
     // The remaining endpoint still serves.
     assert_eq!(post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await.status, 200);
 }
+
+#[tokio::test]
+async fn requests_stop_piling_up_on_a_hung_endpoint_before_any_timeout() {
+    let _serial = SERIAL.lock().await;
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "gpt-4.1", &[]);
+    let c = mock("c", "gpt-4.1", &[]);
+    // A 3 s first-byte timeout: the breaker cannot learn of the hang in the first 1.5 s.
+    let eps: Vec<(&str, std::net::SocketAddr, &str)> = [("a", a.addr), ("b", b.addr), ("c", c.addr)]
+        .iter()
+        .map(|(n, addr)| (*n, *addr, "models = [\"gpt-4.1\"]\nfirst_byte_timeout = \"3s\""))
+        .collect();
+    let cfg = quiet(
+        config(&eps, &model("gpt-4.1", ""), "").replace("timeout = \"1s\"\n", "timeout = \"1s\"\nprobe = \"models\"\n"),
+    );
+    let gw = gateway(&cfg, &[]);
+    for ep in ["a", "b", "c"] {
+        let gw = &gw;
+        eventually(Duration::from_secs(10), "first probes", || async move {
+            pair_status(gw, ep, "gpt-4.1").await["checks"].as_u64() >= Some(1)
+        })
+        .await;
+    }
+    faults(&c, r#"{"mode":"hang"}"#).await;
+
+    // 200 requests/s for 1.5 s, each from its own client (open loop, as independent users send): round robin
+    // would leave a third of them, about 100, waiting on `c` for the timeout.
+    let url = gw.url("/v1/chat/completions");
+    let mut sent = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        let url = url.clone();
+        sent.push(tokio::spawn(async move { post(&url, &chat("gpt-4.1")).await.status }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c_status = pair_status(&gw, "c", "gpt-4.1").await;
+    let stuck = c_status["in_flight"].as_u64().unwrap();
+    let served = chat_count(&mock_stats(&a).await) + chat_count(&mock_stats(&b).await);
+    assert!((8..=12).contains(&stuck), "requests outstanding on the hung endpoint: {c_status}");
+    assert_eq!(c_status["unanswered"], c_status["in_flight"], "{c_status}");
+    assert!(served as usize + 12 >= sent.len(), "the healthy endpoints served the rest: {served} of {}", sent.len());
+    assert_eq!(c_status["breaker"], "closed", "no timeout has told the breaker yet");
+    // The few stuck requests time out after 3 s and fail over: nothing failed.
+    for t in sent {
+        let status = tokio::time::timeout(Duration::from_secs(10), t).await.expect("answered").unwrap();
+        assert_eq!(status, 200);
+    }
+}
