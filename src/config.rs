@@ -1052,4 +1052,34 @@ output_usd_per_mtok = 8.0
         assert_eq!(c.endpoints.len(), 3);
         assert_eq!(c.models.len(), 5);
     }
+
+    #[test]
+    fn request_log_settings() {
+        let c = parse(GOOD, "t.toml", &env).unwrap();
+        assert_eq!(
+            c.log,
+            LogConfig { enabled: true, path: "sheepdog.db".into(), retention: Duration::from_secs(7 * 86_400) }
+        );
+        let c = parse(
+            &format!("[log]\nenabled = false\npath = \"logs/${{HOST}}.db\"\nretention = \"0\"\n{GOOD}"),
+            "t.toml",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.log, LogConfig { enabled: false, path: "logs/127.0.0.1.db".into(), retention: Duration::ZERO });
+        let e = parse_err(&format!("[log]\npath = \"\"\n{GOOD}"));
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "log.path"), "{e}");
+        let e = parse_err(&format!("[log]\nretention = \"a week\"\n{GOOD}"));
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "log.retention"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_log_path_is_taken_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = GOOD.replace("${HOST}", "127.0.0.1").replace("${PRIMARY_KEY}", "sk-1");
+        std::fs::write(dir.path().join("a.toml"), &text).unwrap();
+        std::fs::write(dir.path().join("b.toml"), format!("[log]\npath = \"/var/tmp/x.db\"\n{text}")).unwrap();
+        assert_eq!(load_file(&dir.path().join("a.toml")).unwrap().log.path, dir.path().join("sheepdog.db"));
+        assert_eq!(load_file(&dir.path().join("b.toml")).unwrap().log.path, PathBuf::from("/var/tmp/x.db"));
+    }
 }
