@@ -234,8 +234,9 @@ try:
     import matplotlib.pyplot as plt
 except ImportError:
     sys.exit(0)
-fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [3, 2, 2]})
-colors = {"sheepdog": "#2b7bba", "nginx-proxy": "#7f7f7f", "litellm": "#d9534f"}
+fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(17, 4.4), gridspec_kw={"width_ratios": [3, 2, 1.6, 1.8]})
+colors = {"sheepdog": "#2b7bba", "nginx-proxy": "#7f7f7f", "litellm": "#d9534f", "sheepdog-hedged": "#6aa6d6",
+          "nginx-failover": "#7f7f7f"}
 groups = [r for r in rates]
 width = 0.8 / (2 * len(GATEWAYS))
 for gi, t in enumerate(GATEWAYS):
@@ -253,7 +254,7 @@ ax1.set_xticks(range(len(groups)))
 ax1.set_xticklabels([f"{r} req/s" for r in groups])
 ax1.set_yscale("log")
 ax1.set_ylabel("added latency over direct (ms, log)")
-ax1.set_title("Latency a gateway adds (lower is better)")
+ax1.set_title("Latency added over direct (lower is better)", fontsize=10)
 ax1.legend(fontsize=7)
 names, vals = [], []
 for t in ["direct"] + GATEWAYS:
@@ -264,7 +265,8 @@ for t in ["direct"] + GATEWAYS:
 ax2.bar(names, vals, color=[colors.get(n, "#5cb85c") for n in names])
 ax2.set_yscale("log")
 ax2.set_ylabel("requests/s (log)")
-ax2.set_title("Maximum throughput (higher is better)")
+ax2.set_title("Maximum throughput (higher is better)", fontsize=10)
+ax2.tick_params(axis="x", labelsize=8)
 names, vals = [], []
 for t in GATEWAYS:
     rss = streams.get(t, {}).get("rss_kb_at_full_concurrency")
@@ -274,7 +276,19 @@ for t in GATEWAYS:
 ax3.bar(names, vals, color=[colors.get(n, "#5cb85c") for n in names])
 ax3.set_yscale("log")
 ax3.set_ylabel("MB (log)")
-ax3.set_title("RSS at 1,000 concurrent streams (lower is better)")
+ax3.set_title("RSS, 1,000 open streams (lower is better)", fontsize=10)
+ax3.tick_params(axis="x", labelsize=8)
+names, vals = [], []
+for t in ("sheepdog", "sheepdog-hedged", "nginx-failover"):
+    d = faults.get(("hang", t))
+    if d:
+        names.append(t.replace("sheepdog-hedged", "sheepdog\nhedged").replace("nginx-failover", "nginx"))
+        vals.append(d["latencyPercentiles"]["p99"] * 1000)
+ax4.bar(names, vals, color=[colors["sheepdog"], colors["sheepdog-hedged"], colors["nginx-proxy"]][:len(names)])
+ax4.set_yscale("log")
+ax4.set_ylabel("p99 ms (log)")
+ax4.set_title("p99, one of 3 upstreams hung (lower is better)", fontsize=10)
+ax4.tick_params(axis="x", labelsize=8)
 fig.tight_layout()
 fig.savefig(os.path.join(out, "overhead.png"), dpi=120)
 
