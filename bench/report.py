@@ -213,7 +213,7 @@ if "sheepdog" in streams and "direct" in streams:
     if rss:
         checks.append(("RSS at 1,000 streams <= 64 MB", rss / 1024 <= 64, f"{rss / 1024:.1f} MB"))
 if checks:
-    lines += ["", "### Targets", "", "| target | met | this run |", "| --- | --- | --- |"]
+    lines += ["", "### Targets, this run", "", "| target | met | this run |", "| --- | --- | --- |"]
     for name, ok, val in checks:
         lines.append(f"| {name} | {'–' if ok is None else ('yes' if ok else '**no**')} | {val} |")
 
