@@ -405,12 +405,14 @@ async fn requests_stop_piling_up_on_a_hung_endpoint_before_any_timeout() {
         sent.push(tokio::spawn(async move { post(&url, &chat("gpt-4.1")).await.status }));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Let the last requests to the healthy endpoints finish (the stuck ones wait until 3 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let c_status = pair_status(&gw, "c", "gpt-4.1").await;
     let stuck = c_status["in_flight"].as_u64().unwrap();
     let served = chat_count(&mock_stats(&a).await) + chat_count(&mock_stats(&b).await);
     assert!((8..=12).contains(&stuck), "requests outstanding on the hung endpoint: {c_status}");
     assert_eq!(c_status["unanswered"], c_status["in_flight"], "{c_status}");
-    assert!(served as usize + 12 >= sent.len(), "the healthy endpoints served the rest: {served} of {}", sent.len());
+    assert!(served + stuck >= sent.len() as u64, "the healthy endpoints served the rest: {served} of {}", sent.len());
     assert_eq!(c_status["breaker"], "closed", "no timeout has told the breaker yet");
     // The few stuck requests time out after 3 s and fail over: nothing failed.
     for t in sent {
