@@ -20,6 +20,7 @@ use crate::breaker::{Admission, BreakerState};
 use crate::config::{HealthConfig, ModelKind, ProbeKind};
 use crate::gateway::Gateway;
 use crate::history::Status;
+use crate::openai::Usage;
 use crate::retry::{self, Verdict};
 use crate::state::{Endpoint, Outcome, Pair, Runtime, Source};
 use crate::upstream::HttpClient;
@@ -320,7 +321,8 @@ fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeR
     if p + c > 0 {
         let price = rt.config.model(&pair.model);
         if let Some(m) = price {
-            let cost = (p as f64 * m.input_usd_per_mtok + c as f64 * m.output_usd_per_mtok) / 1e6;
+            let cost =
+                Usage { prompt_tokens: p, completion_tokens: c }.cost_usd(m.input_usd_per_mtok, m.output_usd_per_mtok);
             pair.metrics.cost_probe.inc_by(cost);
         }
     }

@@ -229,6 +229,13 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+impl Usage {
+    /// The price of these tokens in USD, for prices in USD per million tokens.
+    pub fn cost_usd(self, input_usd_per_mtok: f64, output_usd_per_mtok: f64) -> f64 {
+        (self.prompt_tokens as f64 * input_usd_per_mtok + self.completion_tokens as f64 * output_usd_per_mtok) / 1e6
+    }
+}
+
 #[derive(Deserialize)]
 struct UsageView {
     usage: Option<Usage>,

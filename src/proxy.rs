@@ -371,7 +371,7 @@ fn served(entry: &mut Entry, member: &Member, model: &Model, attempts: u32) {
 fn log_usage(entry: &mut Entry, u: Usage, input_price: f64, output_price: f64) {
     entry.prompt_tokens = Some(u.prompt_tokens);
     entry.completion_tokens = Some(u.completion_tokens);
-    entry.cost_usd = Some(cost_usd(u, input_price, output_price));
+    entry.cost_usd = Some(u.cost_usd(input_price, output_price));
 }
 
 /// How long the first attempt may take before a hedged second one starts, if the model hedges.
@@ -804,15 +804,10 @@ fn connect_error_text(e: &hyper_util::client::legacy::Error) -> String {
     s
 }
 
-/// The price of `u` in USD, for prices in USD per million tokens.
-fn cost_usd(u: Usage, input_price: f64, output_price: f64) -> f64 {
-    (u.prompt_tokens as f64 * input_price + u.completion_tokens as f64 * output_price) / 1e6
-}
-
 fn account_tokens(pair: &Pair, input_price: f64, output_price: f64, u: Usage) {
     pair.metrics.prompt_tokens.inc_by(u.prompt_tokens);
     pair.metrics.completion_tokens.inc_by(u.completion_tokens);
-    let cost = cost_usd(u, input_price, output_price);
+    let cost = u.cost_usd(input_price, output_price);
     if cost > 0.0 {
         pair.metrics.cost_request.inc_by(cost);
     }
