@@ -34,23 +34,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway for this config, without a request log.
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
-        let metrics = Metrics::new();
-        let log = RequestLog::disabled(&metrics);
-        Self::build(config, config_path, metrics, log)
-    }
-
-    /// A gateway for this config with its request log (`[log]`) open.
+    /// A gateway for this config, with its request log (`[log]`) open.
     pub fn open(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, OpenError> {
         let metrics = Metrics::new();
         let log = RequestLog::open(&config.log, &metrics)?;
-        Ok(Self::build(config, config_path, metrics, log))
-    }
-
-    fn build(config: Config, config_path: Option<PathBuf>, metrics: Metrics, log: RequestLog) -> Arc<Gateway> {
         let runtime = Runtime::build(config, None, &metrics);
-        Arc::new(Gateway {
+        Ok(Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             config_path,
@@ -58,7 +47,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             queue: Semaphore::new(MAX_QUEUED),
             log,
-        })
+        }))
     }
 
     /// The current snapshot.

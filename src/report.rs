@@ -407,7 +407,7 @@ pub fn run(
     format: Format,
     charts_dir: Option<&Path>,
 ) -> Result<String, ReportError> {
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now_ms = crate::requestlog::unix_ms();
     let since_ms = now_ms - since.as_millis() as i64;
     let read_err = |e| ReportError::Read(db.display().to_string(), e);
     if !db.exists() {

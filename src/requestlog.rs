@@ -102,9 +102,8 @@ pub struct Entry {
 impl Entry {
     /// An entry for a request that arrived now on `api`; the pipeline fills in the rest.
     pub fn begin(api: &'static str) -> Entry {
-        let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         Entry {
-            ts_ms,
+            ts_ms: unix_ms(),
             api,
             model: String::new(),
             served_model: None,
@@ -122,12 +121,17 @@ impl Entry {
     }
 }
 
-/// Why the request log could not be opened.
+/// The wall clock in Unix milliseconds, the time base of `ts_ms`.
+pub fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Why the request log could not be opened: the file, or the writer thread.
 #[derive(Debug, thiserror::Error)]
 #[error("request log {path}: {source}")]
 pub struct OpenError {
     path: String,
-    source: rusqlite::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 enum Msg {
@@ -164,8 +168,11 @@ impl RequestLog {
         if !cfg.enabled {
             return Ok(RequestLog::disabled(metrics));
         }
-        let err = |source| OpenError { path: cfg.path.display().to_string(), source };
-        let conn = open_db(&cfg.path).map_err(err)?;
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| OpenError {
+            path: cfg.path.display().to_string(),
+            source,
+        };
+        let conn = open_db(&cfg.path).map_err(|e| err(e.into()))?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let written = metrics.log_written.clone();
         let dropped = metrics.log_dropped.clone();
@@ -176,7 +183,7 @@ impl RequestLog {
                 lower_priority();
                 write_loop(conn, rx, written, dropped, retention)
             })
-            .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+            .map_err(|e| err(e.into()))?;
         Ok(RequestLog {
             tx: Some(tx),
             writer: Mutex::new(Some(writer)),
@@ -331,8 +338,7 @@ fn write_batch(conn: &mut Connection, batch: &[Box<Entry>]) -> rusqlite::Result<
 }
 
 fn prune(conn: &Connection, retention: Duration) {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let cutoff = now_ms - retention.as_millis() as i64;
+    let cutoff = unix_ms() - retention.as_millis() as i64;
     let deleted = first_id_from(conn, cutoff)
         .and_then(|id| conn.execute("DELETE FROM requests WHERE id < ?1 AND ts_ms < ?2", params![id, cutoff]));
     match deleted {
@@ -489,10 +495,7 @@ mod tests {
         let log = RequestLog::open(&cfg(dir.path()), &m).unwrap();
         let old = Entry { ts_ms: 1000, ..entry(0) };
         log.record(old);
-        log.record(Entry {
-            ts_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64,
-            ..entry(0)
-        });
+        log.record(Entry { ts_ms: unix_ms(), ..entry(0) });
         log.close();
         let c = LogConfig { retention: Duration::from_secs(3600), ..cfg(dir.path()) };
         RequestLog::open(&c, &m).unwrap().close();
