@@ -86,26 +86,6 @@ impl InFlight {
     }
 }
 
-impl Pair {
-    /// The endpoint answered (a response head, whatever its status): it is not stalled.
-    pub fn answered(&self) {
-        if self.unanswered.load(Ordering::Relaxed) != 0 {
-            self.unanswered.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether requests pile up on the pair unanswered ([`crate::balance::stalled`]).
-    pub fn stalled(&self, now_ms: u64) -> bool {
-        let waiting = self.unanswered.load(Ordering::Relaxed);
-        waiting != 0
-            && crate::balance::stalled(
-                waiting,
-                now_ms.saturating_sub(self.waiting_since_ms.load(Ordering::Relaxed)),
-                self.ewma.value(),
-            )
-    }
-}
-
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -180,6 +160,24 @@ impl Pair {
             waiting_since_ms: AtomicU64::new(0),
             metrics: m,
         }
+    }
+
+    /// The endpoint answered (a response head, whatever its status): it is not stalled.
+    pub fn answered(&self) {
+        if self.unanswered.load(Ordering::Relaxed) != 0 {
+            self.unanswered.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether requests pile up on the pair unanswered ([`crate::balance::stalled`]).
+    pub fn stalled(&self, now_ms: u64) -> bool {
+        let waiting = self.unanswered.load(Ordering::Relaxed);
+        waiting != 0
+            && crate::balance::stalled(
+                waiting,
+                now_ms.saturating_sub(self.waiting_since_ms.load(Ordering::Relaxed)),
+                self.ewma.value(),
+            )
     }
 
     /// The cached health status.
@@ -527,8 +525,12 @@ impl Runtime {
     /// as degraded, so that new requests go to its peers while it does not answer.
     pub fn candidates(&self, model: &Model, now_ms: u64, slow_start_ms: u64, out: &mut Vec<Candidate>) {
         out.clear();
+        let stall_aware = model.balancer.strategy() != Strategy::Priority;
         for m in &model.members {
-            let tier = if m.endpoint.ready() { m.pair.tier(&self.breaker, now_ms) } else { Tier::Unavailable };
+            let mut tier = if m.endpoint.ready() { m.pair.tier(&self.breaker, now_ms) } else { Tier::Unavailable };
+            if tier == Tier::Healthy && stall_aware && m.pair.stalled(now_ms) {
+                tier = Tier::Degraded;
+            }
             let rec = m.pair.recovered_at_ms.load(Ordering::Relaxed);
             let slow_start = if rec == 0 || slow_start_ms == 0 {
                 1.0
@@ -542,14 +544,6 @@ impl Runtime {
                 tier,
                 slow_start,
             });
-        }
-        if model.balancer.strategy() == Strategy::Priority {
-            return;
-        }
-        for (m, c) in model.members.iter().zip(out.iter_mut()) {
-            if c.tier == Tier::Healthy && m.pair.stalled(now_ms) {
-                c.tier = Tier::Degraded;
-            }
         }
     }
 }
