@@ -75,18 +75,9 @@ pub struct EndpointRow {
 pub struct Bucket {
     /// Start of the bucket, Unix ms.
     pub start_ms: i64,
-    /// Requests that arrived in it.
-    pub requests: u64,
-    /// Of which succeeded.
-    pub ok: u64,
-    /// Of which failed (see [`Stats::failed`]).
-    pub failed: u64,
-    /// Median latency of successful answers, ms.
-    pub latency_p50_ms: Option<f64>,
-    /// 95th percentile latency of successful answers, ms.
-    pub latency_p95_ms: Option<f64>,
-    /// Cost, USD.
-    pub cost_usd: f64,
+    /// The requests that arrived in it.
+    #[serde(flatten)]
+    pub stats: Stats,
 }
 
 /// The whole report.
@@ -227,18 +218,7 @@ pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
     let timeline = buckets
         .into_iter()
         .enumerate()
-        .map(|(i, a)| {
-            let s = a.finish();
-            Bucket {
-                start_ms: first + i as i64 * width,
-                requests: s.requests,
-                ok: s.ok,
-                failed: s.failed,
-                latency_p50_ms: s.latency_p50_ms,
-                latency_p95_ms: s.latency_p95_ms,
-                cost_usd: s.cost_usd,
-            }
-        })
+        .map(|(i, a)| Bucket { start_ms: first + i as i64 * width, stats: a.finish() })
         .collect();
     Report { since_ms, until_ms, bucket_ms: width, total: total.finish(), models, endpoints, timeline }
 }
@@ -344,17 +324,17 @@ fn csv_field(s: &str) -> String {
 /// The charts of a report, as (file name, SVG text).
 pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
     let labels: Vec<String> = r.timeline.iter().map(|b| time_label(b.start_ms, r.bucket_ms)).collect();
-    let ok: Vec<f64> = r.timeline.iter().map(|b| b.ok as f64).collect();
-    let failed: Vec<f64> = r.timeline.iter().map(|b| b.failed as f64).collect();
-    let other: Vec<f64> = r.timeline.iter().map(|b| (b.requests - b.ok - b.failed) as f64).collect();
+    let ok: Vec<f64> = r.timeline.iter().map(|b| b.stats.ok as f64).collect();
+    let failed: Vec<f64> = r.timeline.iter().map(|b| b.stats.failed as f64).collect();
+    let other: Vec<f64> = r.timeline.iter().map(|b| b.stats.client_errors as f64).collect();
     let width = humantime::format_duration(ms_duration(r.bucket_ms)).to_string();
     let requests = chart::stacked_bars(
         &format!("Requests per {width}"),
         &labels,
         &[("ok", chart::GREEN, &ok), ("failed", chart::RED, &failed), ("client errors", chart::GREY, &other)],
     );
-    let p50: Vec<Option<f64>> = r.timeline.iter().map(|b| b.latency_p50_ms).collect();
-    let p95: Vec<Option<f64>> = r.timeline.iter().map(|b| b.latency_p95_ms).collect();
+    let p50: Vec<Option<f64>> = r.timeline.iter().map(|b| b.stats.latency_p50_ms).collect();
+    let p95: Vec<Option<f64>> = r.timeline.iter().map(|b| b.stats.latency_p95_ms).collect();
     let latency = chart::lines(
         "Latency of successful answers (ms)",
         &labels,
@@ -499,9 +479,9 @@ mod tests {
         let r = aggregate(&sample(), T0, T0 + 120_000);
         assert_eq!(r.bucket_ms, 5_000);
         assert_eq!(r.timeline.len(), 24);
-        assert_eq!(r.timeline.iter().map(|b| b.requests).sum::<u64>(), 106);
-        assert_eq!(r.timeline[0].requests, 5);
-        assert_eq!(r.timeline[23].requests, 0);
+        assert_eq!(r.timeline.iter().map(|b| b.stats.requests).sum::<u64>(), 106);
+        assert_eq!(r.timeline[0].stats.requests, 5);
+        assert_eq!(r.timeline[23].stats.requests, 0);
         assert!(r.timeline.windows(2).all(|w| w[1].start_ms - w[0].start_ms == 5_000));
     }
 
