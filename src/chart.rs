@@ -47,15 +47,20 @@ fn num(v: f64) -> String {
     }
 }
 
-/// The frame: title, y grid with 5 ticks up to `ymax`, and every k-th x label (at most about 12).
-fn frame(out: &mut String, title: &str, labels: &[String], ymax: f64, legend: &[(&str, &str)]) {
+/// The opening of a chart `h` pixels high: the `svg` element, a white background and the title.
+fn open_svg(out: &mut String, h: f64, title: &str) {
     let _ = write!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" \
-         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"{W}\" height=\"{H}\" fill=\"white\"/>\n\
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" viewBox=\"0 0 {W} {h}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"{W}\" height=\"{h}\" fill=\"white\"/>\n\
          <text x=\"{LEFT}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n",
         esc(title)
     );
+}
+
+/// The frame: title, y grid with 5 ticks up to `ymax`, and every k-th x label (at most about 12).
+fn frame(out: &mut String, title: &str, labels: &[String], ymax: f64, legend: &[(&str, &str)]) {
+    open_svg(out, H, title);
     let plot_h = H - TOP - BOTTOM;
     for i in 0..=5 {
         let v = ymax * i as f64 / 5.0;
@@ -169,13 +174,7 @@ pub fn horizontal_bars(title: &str, items: &[(String, f64)]) -> String {
     let label_w = 200.0;
     let xmax = nice_max(items.iter().map(|i| i.1).fold(0.0, f64::max));
     let mut out = String::with_capacity(1024 + items.len() * 200);
-    let _ = write!(
-        out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" viewBox=\"0 0 {W} {h}\" \
-         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"{W}\" height=\"{h}\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n",
-        esc(title)
-    );
+    open_svg(&mut out, h, title);
     let plot_w = W - label_w - RIGHT - 80.0;
     for (i, (name, v)) in items.iter().enumerate() {
         let y = TOP + row * i as f64;
