@@ -256,39 +256,26 @@ ax1.set_yscale("log")
 ax1.set_ylabel("added latency over direct (ms, log)")
 ax1.set_title("Latency added over direct (lower is better)", fontsize=10)
 ax1.legend(fontsize=7)
-names, vals = [], []
-for t in ["direct"] + GATEWAYS:
-    v = med([r["rps"] for r in runs.get((t, 0), [])])
-    if v:
-        names.append(t)
-        vals.append(v)
-ax2.bar(names, vals, color=[colors.get(n, "#5cb85c") for n in names])
-ax2.set_yscale("log")
-ax2.set_ylabel("requests/s (log)")
-ax2.set_title("Maximum throughput (higher is better)", fontsize=10)
-ax2.tick_params(axis="x", labelsize=8)
-names, vals = [], []
-for t in GATEWAYS:
-    rss = streams.get(t, {}).get("rss_kb_at_full_concurrency")
-    if rss:
-        names.append(t)
-        vals.append(rss / 1024)
-ax3.bar(names, vals, color=[colors.get(n, "#5cb85c") for n in names])
-ax3.set_yscale("log")
-ax3.set_ylabel("MB (log)")
-ax3.set_title("RSS, 1,000 open streams (lower is better)", fontsize=10)
-ax3.tick_params(axis="x", labelsize=8)
-names, vals = [], []
-for t in ("sheepdog", "sheepdog-hedged", "nginx-failover"):
-    d = faults.get(("hang", t))
-    if d:
-        names.append(t.replace("sheepdog-hedged", "sheepdog\nhedged").replace("nginx-failover", "nginx"))
-        vals.append(d["latencyPercentiles"]["p99"] * 1000)
-ax4.bar(names, vals, color=[colors["sheepdog"], colors["sheepdog-hedged"], colors["nginx-proxy"]][:len(names)])
-ax4.set_yscale("log")
-ax4.set_ylabel("p99 ms (log)")
-ax4.set_title("p99, one of 3 upstreams hung (lower is better)", fontsize=10)
-ax4.tick_params(axis="x", labelsize=8)
+
+
+def bar_panel(ax, points, ylabel, title):
+    """Log-scale bars, one per (target, label, value); colours by target."""
+    ax.bar([p[1] for p in points], [p[2] for p in points], color=[colors.get(p[0], "#5cb85c") for p in points])
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+bar_panel(ax2, [(t, t, v) for t in ["direct"] + GATEWAYS if (v := med([r["rps"] for r in runs.get((t, 0), [])]))],
+          "requests/s (log)", "Maximum throughput (higher is better)")
+bar_panel(ax3, [(t, t, rss / 1024) for t in GATEWAYS
+                if (rss := streams.get(t, {}).get("rss_kb_at_full_concurrency"))],
+          "MB (log)", "RSS, 1,000 open streams (lower is better)")
+hung_labels = {"sheepdog": "sheepdog", "sheepdog-hedged": "sheepdog\nhedged", "nginx-failover": "nginx"}
+bar_panel(ax4, [(t, hung_labels[t], faults[("hang", t)]["latencyPercentiles"]["p99"] * 1000)
+                for t in hung_labels if ("hang", t) in faults],
+          "p99 ms (log)", "p99, 1 of 3 upstreams hung (lower is better)")
 fig.tight_layout()
 fig.savefig(os.path.join(out, "overhead.png"), dpi=120)
 
