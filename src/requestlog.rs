@@ -460,17 +460,14 @@ mod tests {
         let hour = 3_600_000;
         // Ten hours of one row a minute, appended in order; every tenth row is a request that took 30 minutes,
         // so it arrived half an hour before its neighbours.
+        let arrival = |i: i64| i * 60_000 - if i % 10 == 0 { hour / 2 } else { 0 };
         for i in 0..600i64 {
-            let ts = i * 60_000 - if i % 10 == 0 { hour / 2 } else { 0 };
-            log.record(Entry { ts_ms: ts, ..entry(0) });
+            log.record(Entry { ts_ms: arrival(i), ..entry(0) });
         }
         log.close();
         let conn = open_read(&dir.path().join("log.db")).unwrap();
         for since in [-hour, 0, 1, hour, 5 * hour + 12_345, 9 * hour, 10 * hour, 20 * hour] {
-            let want = (0..600i64)
-                .map(|i| i * 60_000 - if i % 10 == 0 { hour / 2 } else { 0 })
-                .filter(|ts| *ts >= since)
-                .count();
+            let want = (0..600i64).map(arrival).filter(|ts| *ts >= since).count();
             assert_eq!(read_since(&conn, since).unwrap().len(), want, "since {since}");
         }
         // The search starts near the window instead of at the first row.
