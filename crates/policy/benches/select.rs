@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use sheepdog::balance::{Balancer, Candidate, Strategy, Tier};
+use sheepdog_policy::balance::{Balancer, Candidate, Strategy, Tier};
 
 /// Counts allocations so the bench can prove a pick allocates nothing.
 struct Counting;

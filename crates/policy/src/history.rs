@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerState;
+use crate::stats::percentile;
 
 /// Default number of checks kept (`[health] history`).
 pub const DEFAULT_CAPACITY: usize = 100;
@@ -171,17 +172,6 @@ impl History {
         v.sort_by(f64::total_cmp);
         v
     }
-}
-
-/// Linear interpolation between closest ranks over an ascending slice.
-fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    let last = sorted.len().checked_sub(1)?;
-    let q = if q.is_nan() { 0.5 } else { q.clamp(0.0, 1.0) };
-    let rank = q * last as f64;
-    let lo = rank.floor() as usize;
-    let hi = rank.ceil() as usize;
-    let (a, b) = (*sorted.get(lo)?, *sorted.get(hi)?);
-    Some(a + (b - a) * (rank - lo as f64))
 }
 
 /// Health of one endpoint and model, as shown in `/status`.

@@ -13,9 +13,11 @@ use rand::Rng;
 pub enum Verdict {
     /// 2xx: the answer goes to the client.
     Success,
-    /// A 4xx other than 401, 403, 408 and 429: the request's fault, returned at once, not retried.
+    /// A 4xx other than 401, 408 and 429 (403 included: relays answer it to one prompt their moderation
+    /// flags): the request's fault, returned at once, not retried, no verdict on the key or the endpoint.
     ClientError,
-    /// 401 or 403: the API key is refused; set it aside and rotate to another key.
+    /// 401: the API key is refused; the key is suspect (a probe with it confirms before it is set aside) and
+    /// the request may try another key or endpoint.
     AuthError,
     /// 429: the upstream sheds load; try elsewhere, honour `Retry-After`.
     RateLimited,
@@ -38,14 +40,14 @@ impl Verdict {
 
 /// Classifies an upstream HTTP status.
 ///
-/// 2xx → Success; 401/403 → AuthError; 429 → RateLimited; 408 and 5xx → Retriable;
-/// every other 4xx (400, 404, 409, 413, 422, …) → ClientError. Statuses an API
+/// 2xx → Success; 401 → AuthError; 429 → RateLimited; 408 and 5xx → Retriable;
+/// every other 4xx (400, 403, 404, 409, 413, 422, …) → ClientError. Statuses an API
 /// should never answer with (1xx, 3xx, outside 100..=599) are treated as the
 /// endpoint misbehaving → Retriable.
 pub fn classify_status(status: u16) -> Verdict {
     match status {
         200..=299 => Verdict::Success,
-        401 | 403 => Verdict::AuthError,
+        401 => Verdict::AuthError,
         408 => Verdict::Retriable,
         429 => Verdict::RateLimited,
         400..=499 => Verdict::ClientError,
@@ -263,7 +265,7 @@ mod tests {
             assert_eq!(classify_status(s), Verdict::ClientError, "{s}");
         }
         assert_eq!(classify_status(401), Verdict::AuthError);
-        assert_eq!(classify_status(403), Verdict::AuthError);
+        assert_eq!(classify_status(403), Verdict::ClientError);
         assert_eq!(classify_status(429), Verdict::RateLimited);
         for s in [408, 500, 502, 503, 504, 529, 599] {
             assert_eq!(classify_status(s), Verdict::Retriable, "{s}");
