@@ -1,19 +1,22 @@
-//! The gateway's shared state: the current [`Runtime`] snapshot, metrics, the clock, and reload.
+//! The gateway's shared root: the current [`Runtime`] snapshot, metrics, the clock, the recovery signal, the
+//! request log, and reload.
 //!
 //! Everything a request handler or background task needs hangs off one `Arc<Gateway>`. Snapshots are swapped
 //! atomically (`ArcSwap`): a request keeps the snapshot it started with, so a reload never drops it.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::{self, Config, ConfigError};
+use crate::log::{OpenError, RequestLog};
 use crate::metrics::Metrics;
-use crate::requestlog::{OpenError, RequestLog};
-use crate::state::Runtime;
+use crate::state::{Changes, Runtime, Shared};
+use crate::upstream::MemoryUpstream;
 
 /// Requests that may wait at once for a candidate to recover (beyond this they fail at once).
 pub const MAX_QUEUED: usize = 10_000;
@@ -25,28 +28,52 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The config file reloads read (none for the embedded demo).
     pub config_path: Option<PathBuf>,
-    start: Instant,
+    /// Process time.
+    pub clock: Clock,
+    /// Wakes requests waiting for a candidate to recover.
+    pub changes: Changes,
     reload_lock: tokio::sync::Mutex<()>,
     /// Places in the recovery queue.
     pub queue: Semaphore,
     /// The persistent request log (opened at start; `[log]` changes need a restart).
     pub log: RequestLog,
+    memory: HashMap<String, Arc<dyn MemoryUpstream>>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Settings that changed but only take effect after a restart (`server.listen`, `[log]`).
+    pub needs_restart: Vec<&'static str>,
 }
 
 impl Gateway {
     /// A gateway for this config, with its request log (`[log]`) open.
     pub fn open(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Gateway>, OpenError> {
+        Gateway::open_with(config, config_path, HashMap::new())
+    }
+
+    /// Like [`Gateway::open`], with in-memory upstreams in place of the endpoints they are named after
+    /// (pipeline tests).
+    pub fn open_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        memory: HashMap<String, Arc<dyn MemoryUpstream>>,
+    ) -> Result<Arc<Gateway>, OpenError> {
         let metrics = Metrics::new();
         let log = RequestLog::open(&config.log, &metrics)?;
-        let runtime = Runtime::build(config, None, &metrics);
+        let changes = Changes::default();
+        let runtime = Runtime::build(config, None, &Shared { metrics: &metrics, changes: &changes, memory: &memory });
         Ok(Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             config_path,
-            start: Instant::now(),
+            clock: Clock::new(),
+            changes,
             reload_lock: tokio::sync::Mutex::new(()),
             queue: Semaphore::new(MAX_QUEUED),
             log,
+            memory,
         }))
     }
 
@@ -57,31 +84,51 @@ impl Gateway {
 
     /// Milliseconds since the gateway started, on tokio's clock (so tests can pause it). Never 0.
     pub fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64 + 1
+        self.clock.now_ms()
     }
 
     /// Load the config file again and swap it in; on error the old config stays.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         let Some(path) = &self.config_path else { return Err(ReloadError::NoFile) };
         let _guard = self.reload_lock.lock().await;
         let path2 = path.clone();
-        let config = tokio::task::spawn_blocking(move || config::load_file(&path2))
-            .await
-            .map_err(|_| ReloadError::NoFile)?
-            .map_err(ReloadError::Invalid)?;
-        self.apply(config);
-        Ok(())
+        let loaded =
+            tokio::task::spawn_blocking(move || config::load_file(&path2)).await.map_err(|_| ReloadError::NoFile)?;
+        self.metrics.reload(loaded.is_ok());
+        Ok(self.apply(loaded.map_err(ReloadError::Invalid)?))
     }
 
-    /// Swap in a new validated config, keeping live state of unchanged endpoints.
-    pub fn apply(&self, config: Config) {
+    /// Swap in a new validated config, keeping live state of unchanged endpoints; series of pairs and models
+    /// that no longer exist leave `/metrics`.
+    pub fn apply(&self, config: Config) -> Reloaded {
         let old = self.runtime.load_full();
-        if config.log != old.config.log {
-            tracing::warn!("[log] changed: the request log keeps its old settings until a restart");
+        let mut needs_restart = Vec::new();
+        if config.server.listen != old.config.server.listen {
+            needs_restart.push("server.listen");
         }
-        let rt = Runtime::build(config, Some(&old), &self.metrics);
+        if config.log != old.config.log {
+            needs_restart.push("log");
+        }
+        for what in &needs_restart {
+            tracing::warn!(setting = what, "changed in the file, but takes effect only after a restart");
+        }
+        let shared = Shared { metrics: &self.metrics, changes: &self.changes, memory: &self.memory };
+        let rt = Runtime::build(config, Some(&old), &shared);
+        let pairs: HashSet<(&str, &str)> = rt.pair_labels().collect();
+        for (_, p) in old.pairs() {
+            if !pairs.contains(&(p.endpoint(), p.model())) {
+                self.metrics.remove_pair(p.metrics());
+            }
+        }
+        for (name, m) in &old.models {
+            if !rt.models.contains_key(name) {
+                self.metrics.remove_model(&m.metrics);
+            }
+        }
         tracing::info!(endpoints = rt.endpoints.len(), models = rt.models.len(), "configuration loaded");
         self.runtime.store(Arc::new(rt));
+        self.changes.notify();
+        Reloaded { needs_restart }
     }
 }
 

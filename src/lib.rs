@@ -1,24 +1,22 @@
 //! sheepdog: an OpenAI-compatible LLM API gateway with health checks, circuit breakers, load balancing and
-//! failover. See `ARCHITECTURE.md` for the map.
+//! failover. See `ARCHITECTURE.md` for the map; the pure decisions live in the `sheepdog-policy` crate, the
+//! simulated upstream in `sheepdog-mock`.
+//!
+//! Layers, in the direction data flows: [`config`] → [`state`] (with [`upstream`]) → [`pipeline`] (with
+//! [`protocol`]) → [`metrics`] and [`log`]; [`health`] feeds [`state`]; [`http`] serves it all; [`report`] reads
+//! the log back; [`cli`] starts the commands.
 
-pub mod balance;
-pub mod breaker;
-pub mod chart;
-pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod dashboard;
-pub mod demo;
+pub mod drill;
 pub mod gateway;
 pub mod health;
-pub mod history;
+pub mod http;
+pub mod log;
 pub mod metrics;
-pub mod mock;
-pub mod openai;
-pub mod proxy;
+pub mod pipeline;
+pub mod protocol;
 pub mod report;
-pub mod requestlog;
-pub mod retry;
-pub mod server;
 pub mod state;
 pub mod upstream;

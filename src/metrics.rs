@@ -2,6 +2,10 @@
 //!
 //! Families are registered once per process; each (endpoint, model) pair holds its own child handles, so the
 //! hot path only increments atomics. Renders the text format for `GET /metrics`; makes no decisions.
+//! The OpenTelemetry GenAI families are in [`genai`], the fixed-reason rejection counters in [`rejections`].
+
+mod genai;
+mod rejections;
 
 use parking_lot::Mutex;
 use prometheus::{
@@ -9,8 +13,17 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
+pub use genai::{GenAi, Operation, PairGenAi};
+pub use rejections::{Reason, Rejections};
+
+use crate::config::ModelKind;
+
+/// Buckets of the `sheepdog_*_seconds` histograms: each bound at most about 1.5 times the one below from
+/// 5 ms to 2 min, so both a 10 ms probe and a 60 s completion fall in a narrow bucket.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0,
+    10.0, 15.0, 25.0, 40.0, 60.0, 90.0, 120.0, 300.0,
+];
 
 /// Every metric family of the gateway.
 pub struct Metrics {
@@ -21,7 +34,6 @@ pub struct Metrics {
     request_duration: HistogramVec,
     ttft: HistogramVec,
     requests: IntCounterVec,
-    failovers: IntCounterVec,
     tokens: IntCounterVec,
     cost: CounterVec,
     /// `sheepdog_global_degraded`.
@@ -32,6 +44,57 @@ pub struct Metrics {
     pub log_written: IntCounter,
     /// `sheepdog_request_log_dropped_total`: requests the log could not take (queue full or write failed).
     pub log_dropped: IntCounter,
+    client_requests: IntCounterVec,
+    /// `sheepdog_connections_open`: client connections open now.
+    pub connections_open: IntGauge,
+    /// `sheepdog_connections_rejected_total`: client connections closed at once, past `max_connections`.
+    pub connections_rejected: IntCounter,
+    /// `sheepdog_accept_errors_total`: failed accepts (mostly: out of file descriptors).
+    pub accept_errors: IntCounter,
+    /// `sheepdog_config_reloads_total{result}`.
+    reloads: IntCounterVec,
+    /// Request-level handles for a model name that is not configured (label value `unknown`).
+    pub unknown_model: ModelMetrics,
+    /// `gen_ai_client_operation_duration_seconds` and `gen_ai_client_token_usage`.
+    pub genai: GenAi,
+    /// `sheepdog_rejections_total{reason}`.
+    pub rejections: Rejections,
+    /// `sheepdog_requests_in_flight`: client requests on `/v1/*` not finished yet (open streams included).
+    pub in_flight: IntGauge,
+    /// `sheepdog_request_log_queue_depth`: finished requests queued for the request log's writer.
+    pub log_queue_depth: IntGauge,
+    /// `sheepdog_request_log_queue_capacity`: rows the queue holds before it drops.
+    pub log_queue_capacity: IntGauge,
+    /// `sheepdog_config_last_reload_successful`: 0 after a refused reload until the next good one.
+    reload_ok: IntGauge,
+    per_model: ModelFamilies,
+    transitions: IntCounterVec,
+}
+
+/// Families labelled by configured model only.
+#[derive(Clone)]
+struct ModelFamilies {
+    failovers: IntCounterVec,
+    retries: IntCounterVec,
+    hedges: IntCounterVec,
+}
+
+/// The `model` label of a request for a model that is not configured: label values come from configuration
+/// only, so a typo cannot create a series.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// The `client` label of a request without a client key.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Request-level handles of one configured model (and one for unknown models).
+pub struct ModelMetrics {
+    model: String,
+    client_requests: IntCounterVec,
+    /// Cached `sheepdog_client_requests_total{client="anonymous", model, status}` children by status.
+    by_status: Mutex<Vec<(&'static str, IntCounter)>>,
+    /// `sheepdog_failovers_total`, `sheepdog_retries_total`, `sheepdog_hedges_total` of the model (none for
+    /// unknown models: they are never forwarded).
+    forwarding: Option<[IntCounter; 3]>,
 }
 
 /// Child handles of one (endpoint, model) pair.
@@ -56,11 +119,16 @@ pub struct PairMetrics {
     /// `sheepdog_cost_usd_total{source="probe"}`.
     pub cost_probe: Counter,
     requests: Mutex<Vec<(&'static str, IntCounter)>>,
+    requests_vec: IntCounterVec,
     probes_ok: IntCounter,
     probes_failed: IntCounter,
+    /// `sheepdog_breaker_transitions_total{to}` by the breaker gauge's value (closed, half_open, open).
+    transitions: [IntCounter; 3],
+    /// The GenAI handles of a success served by this pair for its own model.
+    pub genai: PairGenAi,
 }
 
-fn must<T>(r: prometheus::Result<T>) -> T {
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     match r {
         Ok(v) => v,
         // Names and labels are constants of this file and covered by tests: an error here is a bug.
@@ -128,6 +196,69 @@ impl Metrics {
             "sheepdog_request_log_dropped_total",
             "Requests missing from the request log: its queue was full or a write failed.",
         );
+        let client_requests = counter(
+            "sheepdog_client_requests_total",
+            "Client requests by the HTTP status the client got (499: it went away first).",
+            &["client", "model", "status"],
+        );
+        let unknown_model = ModelMetrics::new(UNKNOWN_MODEL, &client_requests, None);
+        let per_model = ModelFamilies {
+            failovers,
+            retries: counter(
+                "sheepdog_retries_total",
+                "Upstream attempts after the first of a request (hedges not included), by requested model.",
+                &["model"],
+            ),
+            hedges: counter("sheepdog_hedges_total", "Hedged second attempts started, by requested model.", &["model"]),
+        };
+        let transitions = counter(
+            "sheepdog_breaker_transitions_total",
+            "Circuit breaker transitions by the state entered (closed, half_open, open).",
+            &["endpoint", "model", "to"],
+        );
+        let int_gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let in_flight = int_gauge(
+            "sheepdog_requests_in_flight",
+            "Client requests on /v1/* not finished yet, open streams included.",
+        );
+        let log_queue_depth =
+            int_gauge("sheepdog_request_log_queue_depth", "Finished requests queued for the request log's writer.");
+        let log_queue_capacity = int_gauge(
+            "sheepdog_request_log_queue_capacity",
+            "Requests the request log's queue holds before it drops them (0: the log is off).",
+        );
+        let reload_ok = int_gauge(
+            "sheepdog_config_last_reload_successful",
+            "1 unless the last reload of the config file was refused.",
+        );
+        reload_ok.set(1);
+        let build_info = must(IntGaugeVec::new(
+            Opts::new("sheepdog_build_info", "Always 1; the version of the running binary in its label."),
+            &["version"],
+        ));
+        must(registry.register(Box::new(build_info.clone())));
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let genai = GenAi::new(&registry);
+        let rejections = Rejections::new(&registry);
+        let connections_open = must(IntGauge::new("sheepdog_connections_open", "Client connections open now."));
+        must(registry.register(Box::new(connections_open.clone())));
+        let connections_rejected = plain(
+            "sheepdog_connections_rejected_total",
+            "Client connections closed at once because max_connections were open.",
+        );
+        let accept_errors = plain(
+            "sheepdog_accept_errors_total",
+            "Failed accepts of client connections (mostly: out of file descriptors).",
+        );
+        let reloads = counter("sheepdog_config_reloads_total", "Configuration reloads by result.", &["result"]);
+        for result in ["ok", "refused"] {
+            // Both series from the start, so that rates and alerts over them have data before a first reload.
+            reloads.with_label_values(&[result]);
+        }
         Metrics {
             registry,
             upstream_up,
@@ -136,18 +267,42 @@ impl Metrics {
             request_duration,
             ttft,
             requests,
-            failovers,
             tokens,
             cost,
             global_degraded,
             probes,
             log_written,
             log_dropped,
+            client_requests,
+            connections_open,
+            connections_rejected,
+            accept_errors,
+            reloads,
+            unknown_model,
+            genai,
+            rejections,
+            in_flight,
+            log_queue_depth,
+            log_queue_capacity,
+            reload_ok,
+            per_model,
+            transitions,
         }
     }
 
-    /// Child handles for one pair (created on first use, shared afterwards).
-    pub fn pair(&self, endpoint: &str, model: &str) -> PairMetrics {
+    /// Count a reload: `ok` or `refused`.
+    pub fn reload(&self, ok: bool) {
+        self.reloads.with_label_values(&[if ok { "ok" } else { "refused" }]).inc();
+        self.reload_ok.set(i64::from(ok));
+    }
+
+    /// Request-level handles of a configured model.
+    pub fn model(&self, model: &str) -> ModelMetrics {
+        ModelMetrics::new(model, &self.client_requests, Some(&self.per_model))
+    }
+
+    /// Child handles for one pair of a model of this kind (created on first use, shared afterwards).
+    pub fn pair(&self, endpoint: &str, model: &str, kind: ModelKind) -> PairMetrics {
         let l = [endpoint, model];
         PairMetrics {
             labels: [endpoint.to_string(), model.to_string()],
@@ -161,21 +316,53 @@ impl Metrics {
             cost_request: self.cost.with_label_values(&[endpoint, model, "request"]),
             cost_probe: self.cost.with_label_values(&[endpoint, model, "probe"]),
             requests: Mutex::new(Vec::new()),
+            requests_vec: self.requests.clone(),
             probes_ok: self.probes.with_label_values(&[endpoint, model, "ok"]),
             probes_failed: self.probes.with_label_values(&[endpoint, model, "failed"]),
+            transitions: TRANSITIONS.map(|to| self.transitions.with_label_values(&[endpoint, model, to])),
+            genai: self.genai.pair(endpoint, model, kind),
         }
     }
 
-    /// Forget the gauges of a pair that no longer exists after a reload (counters keep their totals).
-    pub fn remove_pair(&self, endpoint: &str, model: &str) {
-        let l = [endpoint, model];
+    /// Remove every series of a pair that no longer exists after a reload (the caller checks that no pair of
+    /// the new snapshot has the same labels: series are shared by label values).
+    pub fn remove_pair(&self, pair: &PairMetrics) {
+        let [e, m] = &pair.labels;
+        let l = [e.as_str(), m.as_str()];
         let _ = self.upstream_up.remove_label_values(&l);
         let _ = self.breaker_state.remove_label_values(&l);
+        let _ = self.probe_duration.remove_label_values(&l);
+        let _ = self.request_duration.remove_label_values(&l);
+        let _ = self.ttft.remove_label_values(&l);
+        for kind in ["prompt", "completion"] {
+            let _ = self.tokens.remove_label_values(&[e.as_str(), m.as_str(), kind]);
+        }
+        for source in ["request", "probe"] {
+            let _ = self.cost.remove_label_values(&[e.as_str(), m.as_str(), source]);
+        }
+        for result in ["ok", "failed"] {
+            let _ = self.probes.remove_label_values(&[e.as_str(), m.as_str(), result]);
+        }
+        for (status, _) in pair.requests.lock().iter() {
+            let _ = self.requests.remove_label_values(&[e.as_str(), m.as_str(), status]);
+        }
+        for to in TRANSITIONS {
+            let _ = self.transitions.remove_label_values(&[e.as_str(), m.as_str(), to]);
+        }
+        self.genai.remove_pair(e, m);
     }
 
-    /// Count a request that was served after failing over.
-    pub fn failover(&self, model: &str) {
-        self.failovers.with_label_values(&[model]).inc();
+    /// Remove every series of a model that no longer exists after a reload.
+    pub fn remove_model(&self, model: &ModelMetrics) {
+        let m = model.model.as_str();
+        let f = &self.per_model;
+        for family in [&f.failovers, &f.retries, &f.hedges] {
+            let _ = family.remove_label_values(&[m]);
+        }
+        for (status, _) in model.by_status.lock().iter() {
+            let _ = self.client_requests.remove_label_values(&[ANONYMOUS, m, status]);
+        }
+        self.genai.remove_model(m);
     }
 
     /// The text exposition format.
@@ -188,13 +375,13 @@ impl Metrics {
 
 impl PairMetrics {
     /// Count one upstream attempt by its status label (`"200"`, `"timeout"`, `"error"` …).
-    pub fn request(&self, metrics: &Metrics, status: &'static str) {
+    pub fn request(&self, status: &'static str) {
         let mut cache = self.requests.lock();
         if let Some((_, c)) = cache.iter().find(|(s, _)| *s == status) {
             c.inc();
             return;
         }
-        let c = metrics.requests.with_label_values(&[&self.labels[0], &self.labels[1], status]);
+        let c = self.requests_vec.with_label_values(&[&self.labels[0], &self.labels[1], status]);
         c.inc();
         cache.push((status, c));
     }
@@ -202,6 +389,70 @@ impl PairMetrics {
     /// Count one probe.
     pub fn probe(&self, ok: bool) {
         if ok { &self.probes_ok } else { &self.probes_failed }.inc();
+    }
+
+    /// Count a breaker transition into the state whose `sheepdog_breaker_state` value is `gauge` (0 closed,
+    /// 1 half-open, 2 open).
+    pub fn transition(&self, gauge: i64) {
+        if let Some(c) = usize::try_from(gauge).ok().and_then(|i| self.transitions.get(i)) {
+            c.inc();
+        }
+    }
+}
+
+/// The `to` labels of `sheepdog_breaker_transitions_total`, indexed by the `sheepdog_breaker_state` value.
+const TRANSITIONS: [&str; 3] = ["closed", "half_open", "open"];
+
+impl ModelMetrics {
+    fn new(model: &str, client_requests: &IntCounterVec, families: Option<&ModelFamilies>) -> ModelMetrics {
+        ModelMetrics {
+            model: model.to_string(),
+            client_requests: client_requests.clone(),
+            by_status: Mutex::new(Vec::new()),
+            forwarding: families.map(|f| [&f.failovers, &f.retries, &f.hedges].map(|v| v.with_label_values(&[model]))),
+        }
+    }
+
+    /// Count a request that was served after failing over.
+    pub fn failover(&self) {
+        if let Some([f, _, _]) = &self.forwarding {
+            f.inc();
+        }
+    }
+
+    /// Count the upstream attempts of a request beyond its first, `retries` of them, and whether it hedged.
+    pub fn forwarded(&self, retries: u32, hedged: bool) {
+        if let Some([_, r, h]) = &self.forwarding {
+            if retries > 0 {
+                r.inc_by(u64::from(retries));
+            }
+            if hedged {
+                h.inc();
+            }
+        }
+    }
+
+    /// Count one client request that ended with `status` (its HTTP status label).
+    pub fn client_request(&self, status: &'static str) {
+        let mut cache = self.by_status.lock();
+        if let Some((_, c)) = cache.iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let c = self.client_requests.with_label_values(&[ANONYMOUS, &self.model, status]);
+        c.inc();
+        cache.push((status, c));
+    }
+
+    /// The model label.
+    pub fn name(&self) -> &str {
+        &self.model
+    }
+}
+
+impl std::fmt::Debug for ModelMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelMetrics({})", self.model)
     }
 }
 
@@ -214,11 +465,14 @@ pub fn status_label(code: u16) -> &'static str {
         (401, "401"),
         (403, "403"),
         (404, "404"),
+        (405, "405"),
         (408, "408"),
         (409, "409"),
         (413, "413"),
+        (415, "415"),
         (422, "422"),
         (429, "429"),
+        (499, "499"),
         (500, "500"),
         (501, "501"),
         (502, "502"),
@@ -244,13 +498,16 @@ mod tests {
     #[test]
     fn renders_contract_names() {
         let m = Metrics::new();
-        let p = m.pair("primary", "gpt-4.1");
-        p.request(&m, "200");
-        p.request(&m, "200");
-        p.request(&m, "timeout");
+        let p = m.pair("primary", "gpt-4.1", ModelKind::Chat);
+        p.request("200");
+        p.request("200");
+        p.request("timeout");
         p.up.set(1);
         p.cost_probe.inc_by(0.5);
-        m.failover("gpt-4.1");
+        let model = m.model("gpt-4.1");
+        model.failover();
+        model.client_request("200");
+        m.unknown_model.client_request("404");
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains(r#"sheepdog_requests_total{endpoint="primary",model="gpt-4.1",status="200"} 2"#),
@@ -260,6 +517,8 @@ mod tests {
         assert!(text.contains(r#"sheepdog_upstream_up{endpoint="primary",model="gpt-4.1"} 1"#));
         assert!(text.contains(r#"sheepdog_cost_usd_total{endpoint="primary",model="gpt-4.1",source="probe"} 0.5"#));
         assert!(text.contains(r#"sheepdog_failovers_total{model="gpt-4.1"} 1"#));
+        assert!(text.contains(r#"sheepdog_client_requests_total{client="anonymous",model="gpt-4.1",status="200"} 1"#));
+        assert!(text.contains(r#"sheepdog_client_requests_total{client="anonymous",model="unknown",status="404"} 1"#));
         for name in [
             "sheepdog_breaker_state",
             "sheepdog_probe_duration_seconds_bucket",
@@ -270,6 +529,62 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing");
         }
+        // Removing a pair and a model removes every one of their series.
+        m.remove_pair(&p);
+        m.remove_model(&model);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains(r#"endpoint="primary""#), "{text}");
+        assert!(!text.contains(r#"model="gpt-4.1""#), "{text}");
+    }
+
+    #[test]
+    fn operator_families_render_from_the_start() {
+        let m = Metrics::new();
+        let p = m.pair("primary", "gpt-4.1", ModelKind::Chat);
+        p.transition(2);
+        let model = m.model("gpt-4.1");
+        model.forwarded(2, true);
+        m.unknown_model.forwarded(5, true);
+        m.rejections.inc(Reason::BodyTooLarge);
+        m.reload(false);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"sheepdog_breaker_transitions_total{endpoint="primary",model="gpt-4.1",to="open"} 1"#,
+            r#"sheepdog_breaker_transitions_total{endpoint="primary",model="gpt-4.1",to="closed"} 0"#,
+            r#"sheepdog_retries_total{model="gpt-4.1"} 2"#,
+            r#"sheepdog_hedges_total{model="gpt-4.1"} 1"#,
+            r#"sheepdog_rejections_total{reason="body_too_large"} 1"#,
+            r#"sheepdog_rejections_total{reason="budget_exceeded"} 0"#,
+            "sheepdog_requests_in_flight 0",
+            "sheepdog_request_log_queue_depth 0",
+            "sheepdog_config_last_reload_successful 0",
+            r#"sheepdog_config_reloads_total{result="refused"} 1"#,
+            "# TYPE gen_ai_client_operation_duration_seconds histogram",
+            "# TYPE gen_ai_client_token_usage histogram",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // Unknown models are never forwarded: no retry series for them.
+        assert!(!text.contains(r#"sheepdog_retries_total{model="unknown"}"#));
+        m.reload(true);
+        assert!(String::from_utf8(m.render()).unwrap().contains("sheepdog_config_last_reload_successful 1"));
+        m.remove_pair(&p);
+        m.remove_model(&model);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("gpt-4.1"), "{text}");
+    }
+
+    /// A 10 ms probe and a 60 s completion each fall in a bucket at most 1.6 times as wide as its lower bound,
+    /// so `histogram_quantile` tells 10 ms from 15 ms and 60 s from 90 s.
+    #[test]
+    fn latency_buckets_resolve_a_probe_and_a_long_completion() {
+        for v in [0.01, 0.012, 60.0, 50.0, 75.0] {
+            let hi = LATENCY_BUCKETS.iter().copied().find(|b| *b >= v).unwrap();
+            let lo = LATENCY_BUCKETS.iter().copied().rfind(|b| *b < v).unwrap();
+            assert!(hi / lo <= 1.6, "{v}: bucket ({lo}, {hi}] too wide");
+        }
+        assert!(LATENCY_BUCKETS.contains(&0.01) && LATENCY_BUCKETS.contains(&60.0));
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

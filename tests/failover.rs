@@ -199,7 +199,7 @@ async fn stream_failing_before_first_chunk_fails_over_transparently() {
     assert!(s.error.is_none(), "{:?}", s.error);
     assert_eq!(s.headers.get("x-sheepdog-endpoint").unwrap(), "b");
     assert_eq!(s.headers.get("x-sheepdog-attempts").unwrap(), "2");
-    assert_eq!(s.content(), sheepdog::mock::answer_pieces("b", "gpt-4.1", None).concat());
+    assert_eq!(s.content(), sheepdog_mock::answer_pieces("b", "gpt-4.1", None).concat());
     assert!(!s.text().contains("\"error\""));
 }
 
@@ -241,7 +241,7 @@ async fn nothing_can_serve_gives_503_naming_every_attempt() {
 #[tokio::test]
 async fn hedged_request_takes_the_first_answer_and_cancels_the_other() {
     let _serial = SERIAL.lock().await;
-    let slow = mock("slow", "gpt-4.1", &["--latency-ms", "1200"]);
+    let slow = mock("slow", "gpt-4.1", &[]);
     let fast = mock("fast", "gpt-4.1", &["--latency-ms", "5"]);
     let cfg = config(
         &[
@@ -253,26 +253,29 @@ async fn hedged_request_takes_the_first_answer_and_cancels_the_other() {
     )
     .replace("interval = \"300ms\"", "interval = \"60s\"")
     .replace("idle_interval = \"1s\"", "idle_interval = \"60s\"")
-    .replace("timeout = \"1s\"", "timeout = \"3s\"");
+    .replace("timeout = \"1s\"", "timeout = \"15s\"");
     let gw = gateway(&cfg, &[]);
     eventually(Duration::from_secs(5), "slow probed healthy", || async {
         pair_status(&gw, "slow", "gpt-4.1").await["status"] == "healthy"
     })
     .await;
+    // From now on the slow upstream takes 10 s: an answer well before that can only come from the hedge.
+    faults(&slow, r#"{"mode":"slow","latency_ms":10000}"#).await;
     let started = Instant::now();
     let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
     let took = started.elapsed();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-sheepdog-endpoint").as_deref(), Some("fast"));
     assert_eq!(r.header("x-sheepdog-attempts").as_deref(), Some("2"));
-    assert!(took < Duration::from_millis(700), "hedge did not cut the wait: {took:?}");
+    // The exact hedge delay is checked under a paused clock in tests/pipeline.rs; here: long before 10 s.
+    assert!(took < Duration::from_secs(5), "hedge did not cut the wait: {took:?}");
     // The slow attempt reached its upstream and was cancelled: its connection closed long before its answer.
     assert!(chat_count(&mock_stats(&slow).await) >= 1);
-    eventually(Duration::from_millis(500), "slow attempt cancelled", || async {
+    eventually(Duration::from_secs(5), "slow attempt cancelled", || async {
         mock_stats(&slow).await["in_flight"].as_u64() == Some(0)
     })
     .await;
-    assert!(started.elapsed() < Duration::from_millis(1200), "cancelled only when it would have finished anyway");
+    assert!(started.elapsed() < Duration::from_secs(10), "cancelled only when it would have finished anyway");
     // A cancelled attempt is no verdict on the endpoint.
     assert_eq!(breaker(&gw, "slow").await, "closed");
 }
@@ -410,7 +413,9 @@ async fn requests_stop_piling_up_on_a_hung_endpoint_before_any_timeout() {
     let c_status = pair_status(&gw, "c", "gpt-4.1").await;
     let stuck = c_status["in_flight"].as_u64().unwrap();
     let served = chat_count(&mock_stats(&a).await) + chat_count(&mock_stats(&b).await);
-    assert!((8..=12).contains(&stuck), "requests outstanding on the hung endpoint: {c_status}");
+    // At least the stall rule's minimum reached c; far fewer than the ~100 that round robin would leave there
+    // (the exact count is checked under a paused clock in tests/pipeline.rs).
+    assert!((8..=40).contains(&stuck), "requests outstanding on the hung endpoint: {c_status}");
     assert_eq!(c_status["unanswered"], c_status["in_flight"], "{c_status}");
     assert!(served + stuck >= sent.len() as u64, "the healthy endpoints served the rest: {served} of {}", sent.len());
     assert_eq!(c_status["breaker"], "closed", "no timeout has told the breaker yet");

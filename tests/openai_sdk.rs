@@ -24,7 +24,7 @@ async fn official_openai_sdk_talks_to_sheepdog() {
         "",
     );
     let gw = gateway(&cfg, &[]);
-    let expected = sheepdog::mock::answer_pieces("alpha", "gpt-4.1", None).concat();
+    let expected = sheepdog_mock::answer_pieces("alpha", "gpt-4.1", None).concat();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_openai_sdk.py");
     // The gateway and the mock are other processes, so blocking this test's thread is fine.
     let out = std::process::Command::new(python())

@@ -121,9 +121,7 @@ async fn an_endpoint_without_a_usable_key_is_unhealthy_and_not_ready() {
     let a = mock("a", "gpt-4.1", &["--require-keys", "sk-right"]);
     let cfg = config(&[("a", a.addr, "api_keys = [\"sk-wrong\"]\nmodels = [\"gpt-4.1\"]")], &model("gpt-4.1", ""), "");
     let gw = gateway(&cfg, &[]);
-    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("no usable API key"), "{}", r.text());
+    // The key is refused; a probe with it confirms, and it is set aside: the endpoint cannot serve.
     eventually(Duration::from_secs(5), "status unhealthy", || async {
         let p = pair_status(&gw, "a", "gpt-4.1").await;
         p["status"] == "unhealthy" && p["can_serve"] == false
@@ -132,4 +130,7 @@ async fn an_endpoint_without_a_usable_key_is_unhealthy_and_not_ready() {
     assert_eq!(get(&gw.url("/ready")).await.status, 503);
     let s = get(&gw.url("/status")).await.json();
     assert_eq!(s["endpoints"][0]["api_keys_set_aside"], 1);
+    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("no usable API key"), "{}", r.text());
 }

@@ -2,14 +2,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
 
 fn expected(name: &str, model: &str) -> String {
-    sheepdog::mock::answer_pieces(name, model, None).concat()
+    sheepdog_mock::answer_pieces(name, model, None).concat()
 }
 
 #[tokio::test]
@@ -80,24 +80,7 @@ fn raw_upstream(answer: &'static str) -> (std::net::SocketAddr, std::sync::mpsc:
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 65536];
-                loop {
-                    let n = match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
-                        .unwrap_or(0);
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    buf.drain(..end + 4 + len);
+                while let Some(body) = read_raw_request(&mut s, &mut buf) {
                     let _ = tx.send(body);
                     let _ = s.write_all(answer.as_bytes());
                 }
@@ -149,7 +132,8 @@ async fn bad_input_gets_openai_errors() {
 
 #[tokio::test]
 async fn unknown_fields_pass_through_untouched() {
-    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let answer =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 25\r\n\r\n{\"choices\":[{\"index\":0}]}";
     let (addr, bodies) = raw_upstream(answer);
     let cfg = config(&[("cap", addr, "models = { \"gpt-4.1\" = \"up/gpt-4.1\" }")], &model("gpt-4.1", ""), "");
     let gw = gateway(
@@ -179,16 +163,27 @@ async fn keys_rotate_and_a_rejected_key_is_set_aside_and_never_leaks() {
         "",
     );
     let gw = gateway(&cfg, &[("K1", "sk-good-1"), ("BAD", "sk-bad-secret-999"), ("RUST_LOG", "trace")]);
+    // Every request is served: a request that draws the bad key goes on with the next one. A probe with the
+    // bad key confirms the refusal, and it is set aside.
+    eventually(Duration::from_secs(10), "the bad key set aside", || async {
+        for _ in 0..3 {
+            let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(!r.text().contains("sk-"), "{}", r.text());
+        }
+        get(&gw.url("/status")).await.json()["endpoints"][0]["api_keys_set_aside"] == 1
+    })
+    .await;
+    let bad_before = mock_stats(&m).await["by_key"]["sk-bad-secret-999"].as_u64().unwrap_or(0);
     for _ in 0..12 {
         let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert!(!r.text().contains("sk-"), "{}", r.text());
     }
     let stats = mock_stats(&m).await;
     assert!(stats["by_key"]["sk-good-1"].as_u64().unwrap() >= 3, "{stats}");
     assert!(stats["by_key"]["sk-good-2"].as_u64().unwrap() >= 3, "{stats}");
-    // The bad key was tried, refused, set aside: at most a couple of times, not in rotation.
-    assert!(stats["by_key"]["sk-bad-secret-999"].as_u64().unwrap_or(0) <= 2, "{stats}");
+    // Set aside: out of rotation.
+    assert_eq!(stats["by_key"]["sk-bad-secret-999"].as_u64().unwrap_or(0), bad_before, "{stats}");
     let status = get(&gw.url("/status")).await;
     assert_eq!(status.json()["endpoints"][0]["api_keys_set_aside"], 1);
     let metrics = get(&gw.url("/metrics")).await.text();
@@ -201,27 +196,45 @@ async fn keys_rotate_and_a_rejected_key_is_set_aside_and_never_leaks() {
 
 #[tokio::test]
 async fn failing_upstream_with_trace_logging_never_shows_the_key() {
-    let m = mock("alpha", "gpt-4.1", &["--require-keys", "sk-other"]);
-    // A dead port: connection refused.
+    // alpha accepts its key, so its faults are really reached; beta refuses its key (401); dead refuses the
+    // connection. Every failure path runs with trace logging on.
+    let alpha = mock("alpha", "gpt-4.1", &["--require-keys", "sk-live-SECRET-1"]);
+    let beta = mock("beta", "gpt-4.1", &["--require-keys", "sk-other"]);
     let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let cfg = config(
         &[
-            ("alpha", m.addr, "api_keys = [\"sk-live-SECRET-1\"]\nmodels = [\"gpt-4.1\"]"),
-            ("dead", dead, "api_keys = [\"sk-live-SECRET-2\"]\nmodels = [\"gpt-4.1\"]"),
+            ("alpha", alpha.addr, "api_keys = [\"sk-live-SECRET-1\"]\nmodels = [\"gpt-4.1\"]"),
+            ("beta", beta.addr, "api_keys = [\"sk-live-SECRET-2\"]\nmodels = [\"gpt-4.1\"]"),
+            ("dead", dead, "api_keys = [\"sk-live-SECRET-3\"]\nmodels = [\"gpt-4.1\"]"),
         ],
         &model("gpt-4.1", ""),
-        "",
+        "[retry]\nmax_attempts = 3\nbackoff_base = \"10ms\"\n",
     );
     let gw = gateway(&cfg, &[("RUST_LOG", "trace")]);
-    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
-    assert!(r.status >= 500, "{}", r.text());
-    faults(&m, r#"{"mode":"error_500"}"#).await;
-    let r2 = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
-    tokio::time::sleep(Duration::from_millis(800)).await; // let a few probes fail too
+    let url = gw.url("/v1/chat/completions");
+    let mut texts = Vec::new();
+    for fault in [r#"{"mode":"ok"}"#, r#"{"mode":"error_500"}"#, r#"{"mode":"error_429"}"#, r#"{"mode":"reset"}"#] {
+        faults(&alpha, fault).await;
+        texts.push(post(&url, &chat("gpt-4.1")).await.text());
+    }
+    let metrics = get(&gw.url("/metrics")).await.text();
+    // The faults were reached with the key (not refused before them).
+    for status in ["500", "429"] {
+        let line = format!(r#"sheepdog_requests_total{{endpoint="alpha",model="gpt-4.1",status="{status}"}}"#);
+        assert!(metrics.contains(&line), "alpha never answered {status}: {metrics}");
+    }
+    assert!(mock_stats(&alpha).await["by_key"]["sk-live-SECRET-1"].as_u64() >= Some(4));
+    eventually(Duration::from_secs(10), "probes of every endpoint failed, passed or refused the key", || async {
+        let s = get(&gw.url("/status")).await.json();
+        let e = s["endpoints"].as_array().unwrap();
+        e[0]["models"][0]["checks"].as_u64() >= Some(1)
+            && e[1]["api_keys_set_aside"] == 1
+            && e[2]["models"][0]["checks"].as_u64() >= Some(1)
+    })
+    .await;
     let everything = format!(
-        "{}{}{}{}{}",
-        r.text(),
-        r2.text(),
+        "{}{}{}{}",
+        texts.concat(),
         get(&gw.url("/status")).await.text(),
         get(&gw.url("/metrics")).await.text(),
         gw.proc.stderr()
@@ -234,6 +247,7 @@ async fn failing_upstream_with_trace_logging_never_shows_the_key() {
 async fn reload_keeps_health_and_refuses_bad_config() {
     let a = mock("alpha", "gpt-4.1", &[]);
     let b = mock("beta", "gpt-4.1", &[]);
+    // Probes at start only: from then on only live requests add checks, so the history can be counted exactly.
     let cfg = config(
         &[
             ("alpha", a.addr, "weight = 1\nmodels = [\"gpt-4.1\"]"),
@@ -242,10 +256,16 @@ async fn reload_keeps_health_and_refuses_bad_config() {
         &model("gpt-4.1", ""),
         "",
     )
-    .replacen("[server]\n", "[server]\nadmin_key = \"${ADMIN}\"\n", 1);
+    .replacen("[server]\n", "[server]\nadmin_key = \"${ADMIN}\"\n", 1)
+    .replace("interval = \"300ms\"", "interval = \"1h\"")
+    .replace("idle_interval = \"1s\"", "idle_interval = \"1h\"");
     let gw = gateway(&cfg, &[("ADMIN", "adm-123")]);
-    eventually(Duration::from_secs(10), "alpha checked", || async {
-        pair_status(&gw, "alpha", "gpt-4.1").await["checks"].as_u64().unwrap() >= 2
+    let url = gw.url("/v1/chat/completions");
+    for _ in 0..6 {
+        assert_eq!(post(&url, &chat("gpt-4.1")).await.status, 200);
+    }
+    eventually(Duration::from_secs(10), "alpha probed and served", || async {
+        pair_status(&gw, "alpha", "gpt-4.1").await["checks"].as_u64().unwrap() >= 4
     })
     .await;
     let checks_before = pair_status(&gw, "alpha", "gpt-4.1").await["checks"].as_u64().unwrap();
@@ -253,7 +273,7 @@ async fn reload_keeps_health_and_refuses_bad_config() {
     // Admin routes need the key.
     assert_eq!(request("POST", &gw.url("/admin/reload"), &[], "").await.status, 401);
 
-    // Change weights (beta 0 -> only alpha... weight 0 counts as 1 unit; use priority instead) and reload via SIGHUP.
+    // Make beta a lower priority and reload via SIGHUP.
     let new = cfg
         .replace("name = \"beta\"\nbase_url", "name = \"beta\"\npriority = 5\nbase_url")
         .replace("output_usd_per_mtok = 8.0\n", "output_usd_per_mtok = 8.0\nstrategy = \"priority\"\n");
@@ -263,36 +283,60 @@ async fn reload_keeps_health_and_refuses_bad_config() {
         .await;
     let before_b = mock_stats(&b).await["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0);
     for _ in 0..10 {
-        let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+        let r = post(&url, &chat("gpt-4.1")).await;
         assert_eq!(r.header("x-sheepdog-endpoint").as_deref(), Some("alpha"));
     }
     let after_b = mock_stats(&b).await["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0);
-    assert!(after_b - before_b <= 3, "beta got live traffic after becoming a lower priority");
+    assert_eq!(after_b, before_b, "beta got live traffic after becoming a lower priority");
+    // The history was carried over: exactly the 10 new checks on top of the old ones (a reset history would
+    // hold 10).
     let checks_after = pair_status(&gw, "alpha", "gpt-4.1").await["checks"].as_u64().unwrap();
-    assert!(checks_after >= checks_before, "health history kept across reload: {checks_before} -> {checks_after}");
+    assert_eq!(checks_after, checks_before + 10, "health history kept across reload");
 
     // A broken config is refused with the reason; the old one keeps serving.
     std::fs::write(gw.path(), new.replace("weight = 1", "weight = \"heavy\"")).unwrap();
     let r = request("POST", &gw.url("/admin/reload"), &[("authorization", "Bearer adm-123")], "").await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("sheepdog.toml:"), "{}", r.text());
-    assert_eq!(post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await.status, 200);
+    assert_eq!(post(&url, &chat("gpt-4.1")).await.status, 200);
 
-    // Reload while requests are in flight: none is dropped.
+    // Reloads while requests are in flight (the upstreams take 300 ms each, 16 clients at once): none is
+    // dropped.
     std::fs::write(gw.path(), &cfg).unwrap();
-    let url = gw.url("/v1/chat/completions");
-    let load = tokio::spawn(async move {
-        let mut codes = Vec::new();
-        for _ in 0..40 {
-            codes.push(post(&url, &chat("gpt-4.1")).await.status);
-        }
-        codes
-    });
+    for m in [&a, &b] {
+        faults(m, r#"{"mode":"slow","latency_ms":300}"#).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    codes.push(post(&url, &chat("gpt-4.1")).await.status);
+                }
+                codes
+            })
+        })
+        .collect();
     for _ in 0..5 {
+        eventually(Duration::from_secs(10), "requests in flight", || async {
+            mock_stats(&a).await["in_flight"].as_u64().unwrap_or(0)
+                + mock_stats(&b).await["in_flight"].as_u64().unwrap_or(0)
+                >= 8
+        })
+        .await;
         let r = request("POST", &gw.url("/admin/reload"), &[("authorization", "Bearer adm-123")], "").await;
         assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), serde_json::json!({"reloaded": true, "needs_restart": []}));
     }
-    assert!(load.await.unwrap().iter().all(|&c| c == 200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut codes = Vec::new();
+    for w in workers {
+        codes.extend(w.await.unwrap());
+    }
+    assert!(codes.len() >= 16, "{}", codes.len());
+    assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
 }
 
 #[tokio::test]
@@ -373,6 +417,9 @@ async fn stream_idle_timeout_counts_from_the_last_chunk() {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
     let err: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert!(err["error"]["message"].as_str().unwrap().contains("no data within the timeout"), "{err}");
+    // Cut at the first gap, long before the 8 s that 20 chunks 400 ms apart would take (the exact moment is
+    // checked under a paused clock in tests/pipeline.rs).
     let (first, last) = (s.frames[0].0, s.frames.last().unwrap().0);
-    assert!(last - first < Duration::from_millis(1500), "cut soon after the first gap: {:?}", last - first);
+    assert!(last - first < Duration::from_secs(6), "not cut at the first gap: {:?}", last - first);
+    assert!(s.content().len() < expected("alpha", "gpt-4.1").len(), "the stream was cut short");
 }

@@ -3,26 +3,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use http_body_util::BodyExt;
-use sheepdog::requestlog::{open_read, read_since, Entry};
+use sheepdog::log::{open_read, read_since, Entry};
 
 fn rows(path: &std::path::Path) -> Vec<Entry> {
     read_since(&open_read(path).unwrap(), 0).unwrap()
-}
-
-/// Wait for the process to exit (after SIGTERM), at most `timeout`.
-fn wait_exit(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
-    let until = Instant::now() + timeout;
-    loop {
-        if let Some(s) = proc.child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < until, "the gateway did not exit; stderr:\n{}", proc.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test]
@@ -188,4 +176,38 @@ async fn the_log_can_be_turned_off_and_its_path_set() {
     .await;
     assert_eq!(rows(&gw.dir.path().join("logs.db")).len(), 1);
     assert!(!gw.dir.path().join("sheepdog.db").exists());
+}
+
+#[tokio::test]
+async fn every_answer_carries_its_request_id_and_a_fallback_says_so() {
+    let a = mock("a", "gpt-4.1", &[]);
+    let b = mock("b", "claude-sonnet-4.5", &[]);
+    let cfg = quiet_config(
+        &[("a", a.addr, "models = [\"gpt-4.1\"]"), ("b", b.addr, "models = [\"claude-sonnet-4.5\"]")],
+        &(model("gpt-4.1", "fallbacks = [\"claude-sonnet-4.5\"]") + &model("claude-sonnet-4.5", "")),
+        "",
+    );
+    let mut gw = gateway(&cfg, &[]);
+    let url = gw.url("/v1/chat/completions");
+    let direct = post(&url, &chat("gpt-4.1")).await;
+    assert_eq!(direct.status, 200);
+    assert_eq!(direct.header("x-sheepdog-route-reason"), None);
+    faults(&a, r#"{"mode":"error_500"}"#).await;
+    let fallback = post(&url, &chat("gpt-4.1")).await;
+    assert_eq!(fallback.status, 200, "{}", fallback.text());
+    assert_eq!(fallback.header("x-sheepdog-model").as_deref(), Some("claude-sonnet-4.5"));
+    assert_eq!(fallback.header("x-sheepdog-route-reason").as_deref(), Some("fallback"));
+    let refused = post(&url, &chat("no-such-model")).await;
+    assert_eq!(refused.status, 404);
+    let ids: Vec<String> = [&direct, &fallback, &refused].iter().map(|r| r.header("x-request-id").unwrap()).collect();
+    assert!(ids.iter().all(|id| id.starts_with("req_") && id.len() == 20), "{ids:?}");
+    assert!(ids[0] != ids[1] && ids[1] != ids[2]);
+    gw.proc.signal("TERM");
+    assert!(wait_exit(&mut gw.proc, Duration::from_secs(15)).success());
+    let rows = rows(&gw.dir.path().join("sheepdog.db"));
+    let logged: Vec<String> = rows.iter().map(|r| r.request_id.unwrap().to_string()).collect();
+    assert_eq!(logged, ids);
+    assert_eq!(rows[1].route_reason.as_deref(), Some("fallback"));
+    assert_eq!((rows[0].route_reason.as_deref(), rows[2].route_reason.as_deref()), (None, None));
+    assert!(rows[0].cost_nanos.is_some_and(|n| n > 0) && rows[0].cached_tokens == Some(0), "{:?}", rows[0]);
 }

@@ -103,6 +103,42 @@ impl Drop for Proc {
     }
 }
 
+/// Wait for the process to exit (after SIGTERM), at most `timeout`.
+pub fn wait_exit(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(s) = proc.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < until, "the process did not exit; stderr:\n{}", proc.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Read the next whole HTTP/1.1 request (head and `content-length` body) from a raw socket into `buf`;
+/// its body, or `None` when the peer closed.
+pub fn read_raw_request(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut chunk = [0u8; 65536];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = buf[end + 4..end + 4 + len].to_vec();
+                buf.drain(..end + 4 + len);
+                return Some(body);
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Start `sheepdog mock`.
 pub fn mock(name: &str, models: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["mock", "--listen", "127.0.0.1:0", "--name", name, "--models", models];
@@ -147,6 +183,13 @@ pub fn config(endpoints: &[(&str, SocketAddr, &str)], models: &str, extra: &str)
     }
     s.push_str(models);
     s
+}
+
+/// Like [`config`], probing once at start only (then every hour): only live requests move the pairs.
+pub fn quiet_config(endpoints: &[(&str, SocketAddr, &str)], models: &str, extra: &str) -> String {
+    config(endpoints, models, extra)
+        .replace("interval = \"300ms\"", "interval = \"1h\"")
+        .replace("idle_interval = \"1s\"", "idle_interval = \"1h\"")
 }
 
 pub fn model(name: &str, more: &str) -> String {
@@ -307,4 +350,113 @@ pub async fn pair_status(gw: &Gateway, endpoint: &str, model: &str) -> serde_jso
         }
     }
     panic!("no status for {endpoint}/{model}: {s}");
+}
+
+/// What an in-test upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub auth: Option<String>,
+    pub body: String,
+}
+
+/// What an in-test upstream answers: status, content type, body.
+pub struct Canned {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Canned {
+    pub fn new(status: u16, content_type: &'static str, body: impl Into<String>) -> Canned {
+        Canned { status, content_type, body: body.into() }
+    }
+    pub fn json(status: u16, body: impl Into<String>) -> Canned {
+        Canned::new(status, "application/json", body)
+    }
+    /// A normal chat completion (with usage), or an SSE stream of two chunks, a usage chunk and [DONE].
+    pub fn completion(seen: &Seen, name: &str) -> Canned {
+        let stream = seen.body.contains("\"stream\":true");
+        if stream {
+            let chunk = |c: &str| {
+                format!(
+                    r#"data: {{"id":"c","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":"{c}"}}}}]}}"#
+                )
+            };
+            let body = format!(
+                "{}\n\n{}\n\ndata: {{\"id\":\"c\",\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":2}}}}\n\ndata: [DONE]\n\n",
+                chunk("from "),
+                chunk(name)
+            );
+            Canned::new(200, "text/event-stream", body)
+        } else {
+            Canned::json(
+                200,
+                format!(
+                    r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"from {name}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}}}"#
+                ),
+            )
+        }
+    }
+}
+
+/// An upstream inside the test process, on a real socket, that answers with `handler` and records what it saw:
+/// the relays with bad habits of issue reports.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TestUpstream {
+    pub fn start(handler: impl Fn(&Seen) -> Canned + Send + Sync + 'static) -> TestUpstream {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (log, handler) = (seen.clone(), Arc::new(handler));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { return };
+                    let (log, handler) = (log.clone(), handler.clone());
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            let (log, handler) = (log.clone(), handler.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                let auth =
+                                    req.headers().get("authorization").map(|v| v.to_str().unwrap_or("").to_string());
+                                let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                                let s = Seen { path, auth, body: String::from_utf8_lossy(&body).into_owned() };
+                                let c = handler(&s);
+                                log.lock().unwrap().push(s);
+                                let resp = http::Response::builder()
+                                    .status(c.status)
+                                    .header("content-type", c.content_type)
+                                    .body(Full::new(Bytes::from(c.body)))
+                                    .unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        TestUpstream { addr, seen }
+    }
+
+    /// Chat requests seen (probes and live requests) whose body contains `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.ends_with("/chat/completions") && s.body.contains(needle))
+            .count()
+    }
 }

@@ -10,8 +10,13 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::chart;
-use crate::requestlog::Entry;
+use sheepdog_policy::pricing::Nanos;
+use sheepdog_policy::stats::{percentile, sort_finite};
+
+use crate::log::Entry;
+
+pub mod api;
+pub mod chart;
 
 /// What happened to the requests of one group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -30,6 +35,8 @@ pub struct Stats {
     pub failovers: u64,
     /// Served by a fallback model (another than the one requested).
     pub fallbacks: u64,
+    /// Mean latency of successful answers (arrival to last byte), ms.
+    pub latency_mean_ms: Option<f64>,
     /// Latency of successful answers (arrival to last byte), ms.
     pub latency_p50_ms: Option<f64>,
     /// See `latency_p50_ms`.
@@ -118,21 +125,14 @@ fn verdict(e: &Entry) -> Verdict {
     }
 }
 
-/// Nearest-rank percentile `q` of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-/// Accumulates [`Stats`].
+/// Accumulates [`Stats`]. Money is summed in exact nano-dollars (rows from before schema 2 carry only a float
+/// cost, rounded to the nano-dollar once).
 #[derive(Default)]
 struct Acc {
     s: Stats,
     latencies: Vec<f64>,
     ttfts: Vec<f64>,
+    cost: Nanos,
 }
 
 impl Acc {
@@ -158,13 +158,17 @@ impl Acc {
         }
         s.prompt_tokens += e.prompt_tokens.unwrap_or(0);
         s.completion_tokens += e.completion_tokens.unwrap_or(0);
-        s.cost_usd += e.cost_usd.unwrap_or(0.0);
+        let cost = e.cost_nanos.map(Nanos).or(e.cost_usd.map(Nanos::from_usd)).unwrap_or_default();
+        self.cost = self.cost.saturating_add(cost);
     }
 
     fn finish(mut self) -> Stats {
-        self.latencies.sort_by(f64::total_cmp);
-        self.ttfts.sort_by(f64::total_cmp);
+        sort_finite(&mut self.latencies);
+        sort_finite(&mut self.ttfts);
         let mut s = self.s;
+        s.cost_usd = self.cost.usd();
+        s.latency_mean_ms =
+            (!self.latencies.is_empty()).then(|| self.latencies.iter().sum::<f64>() / self.latencies.len() as f64);
         s.error_rate = if s.requests == 0 { 0.0 } else { s.failed as f64 / s.requests as f64 };
         s.latency_p50_ms = percentile(&self.latencies, 0.50);
         s.latency_p95_ms = percentile(&self.latencies, 0.95);
@@ -387,14 +391,14 @@ pub fn run(
     format: Format,
     charts_dir: Option<&Path>,
 ) -> Result<String, ReportError> {
-    let now_ms = crate::requestlog::unix_ms();
+    let now_ms = crate::clock::unix_ms();
     let since_ms = now_ms - since.as_millis() as i64;
     let read_err = |e| ReportError::Read(db.display().to_string(), e);
     if !db.exists() {
         return Err(read_err(rusqlite::Error::InvalidPath(db.to_path_buf())));
     }
-    let conn = crate::requestlog::open_read(db).map_err(read_err)?;
-    let entries = crate::requestlog::read_since(&conn, since_ms).map_err(read_err)?;
+    let conn = crate::log::open_read(db).map_err(read_err)?;
+    let entries = crate::log::read_since(&conn, since_ms).map_err(read_err)?;
     let report = aggregate(&entries, since_ms, now_ms + 1);
     if let Some(dir) = charts_dir {
         std::fs::create_dir_all(dir).map_err(|e| ReportError::Write(dir.display().to_string(), e))?;
@@ -457,10 +461,12 @@ mod tests {
         assert_eq!(t.fallbacks, 1);
         assert_eq!(t.prompt_tokens, 1060);
         assert!((t.cost_usd - 0.106).abs() < 1e-9);
-        // Latency over the 102 successful answers: 1..=100 ms plus 7 and 8 (nearest rank).
-        assert_eq!(t.latency_p50_ms, Some(49.0));
-        assert_eq!(t.latency_p99_ms, Some(99.0));
-        assert_eq!(t.ttft_p50_ms, Some(24.5));
+        // Latency over the 102 successful answers: 1..=100 ms plus 7 and 8, interpolated between the closest
+        // ranks (sheepdog_policy::stats::percentile, the same definition as /status): rank 50.5 lies between
+        // 49 and 50, rank 99.99 between 98 and 99.
+        assert_eq!(t.latency_p50_ms, Some(49.5));
+        assert!((t.latency_p99_ms.unwrap() - 98.99).abs() < 1e-9);
+        assert_eq!(t.ttft_p50_ms, Some(24.75));
     }
 
     #[test]

@@ -1,112 +1,13 @@
-//! Upstream endpoints as the network sees them: base URLs, the pooled HTTP client, and API key pools.
-//!
-//! Knows how to reach an endpoint and with which key; knows nothing of health, selection or the OpenAI format.
+//! API key pools: an endpoint's keys in rotation. A key a live request saw refused (401) becomes *suspect*; it
+//! is set aside only when a probe with it is refused too (the prober confirms suspects), so one client request
+//! cannot take a key out of rotation; a key set aside comes back when a re-test shows it works again.
+//! Key values live only in sensitive header values and [`Secret`]s: never in logs or errors.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Uri};
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::HeaderValue;
 
 use crate::config::Secret;
-
-/// The pooled HTTP(S) client of one endpoint.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Build the pooled keep-alive client for an endpoint with this connect timeout.
-pub fn client(connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(https)
-}
-
-/// A parsed base URL: scheme, authority and path prefix (such as `/v1`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseUrl {
-    scheme: Scheme,
-    authority: Authority,
-    prefix: String,
-    host: HeaderValue,
-}
-
-impl BaseUrl {
-    /// Parse `http(s)://host[:port][/prefix]`; `None` when it is not such a URL.
-    pub fn parse(s: &str) -> Option<BaseUrl> {
-        let uri: Uri = s.parse().ok()?;
-        let scheme = uri.scheme()?.clone();
-        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return None;
-        }
-        if uri.query().is_some() {
-            return None;
-        }
-        let authority = uri.authority()?.clone();
-        let prefix = uri.path().trim_end_matches('/').to_string();
-        // The `Host` header, computed once: the authority without a port that is the scheme's default.
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let host = match authority.port_u16() {
-            Some(p) if p == default_port => HeaderValue::from_str(authority.host()).ok()?,
-            _ => HeaderValue::from_str(authority.as_str()).ok()?,
-        };
-        Some(BaseUrl { scheme, authority, prefix, host })
-    }
-
-    /// The `Host` header value for requests to this endpoint.
-    pub fn host(&self) -> &HeaderValue {
-        &self.host
-    }
-
-    /// The URI of `path` (which starts with `/`) under the prefix: `/chat/completions` -> `…/v1/chat/completions`.
-    pub fn join(&self, path: &str) -> Uri {
-        let mut pq = String::with_capacity(self.prefix.len() + path.len());
-        pq.push_str(&self.prefix);
-        pq.push_str(path);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .unwrap_or_default()
-    }
-
-    /// The URI of an absolute `path` on the same host, ignoring the prefix (for `probe_path`).
-    pub fn join_absolute(&self, path: &str) -> Uri {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()
-            .unwrap_or_default()
-    }
-
-    /// `host:port` of the endpoint (for connect-time measurements).
-    pub fn host_port(&self) -> (String, u16) {
-        let default = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
-        (self.authority.host().trim_matches(['[', ']']).to_string(), self.authority.port_u16().unwrap_or(default))
-    }
-
-    /// Whether the scheme is https.
-    pub fn is_https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
-    }
-}
 
 /// One key of a pool, ready to be sent.
 pub struct PoolKey {
@@ -114,6 +15,8 @@ pub struct PoolKey {
     header: HeaderValue,
     /// 0 when usable, else the time (ms) it was set aside after a 401/403.
     set_aside_at: AtomicU64,
+    /// A live request saw it refused; a probe with it is due.
+    suspect: AtomicBool,
 }
 
 /// The API keys of one endpoint, used in rotation; a key answered 401/403 is set aside until it works again.
@@ -130,7 +33,12 @@ impl KeyPool {
             .filter_map(|k| {
                 let mut header = HeaderValue::from_str(&format!("Bearer {}", k.expose())).ok()?;
                 header.set_sensitive(true);
-                Some(PoolKey { secret: k.clone(), header, set_aside_at: AtomicU64::new(0) })
+                Some(PoolKey {
+                    secret: k.clone(),
+                    header,
+                    set_aside_at: AtomicU64::new(0),
+                    suspect: AtomicBool::new(false),
+                })
             })
             .collect();
         KeyPool { keys, next: AtomicUsize::new(0) }
@@ -177,6 +85,36 @@ impl KeyPool {
         })
     }
 
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the pool has no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// A live request saw key `idx` refused: mark it for a confirming probe. Returns true when it was not
+    /// suspect yet.
+    pub fn suspect(&self, idx: usize) -> bool {
+        self.keys.get(idx).is_some_and(|k| !k.suspect.swap(true, Ordering::Relaxed))
+    }
+
+    /// Suspect keys still in rotation, for the caller to probe: index and `Authorization` value. Each is handed
+    /// out once: it is suspect again only when a request sees it refused again.
+    pub fn take_suspects(&self) -> Vec<(usize, HeaderValue)> {
+        if !self.keys.iter().any(|k| k.suspect.load(Ordering::Relaxed)) {
+            return Vec::new();
+        }
+        self.keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.suspect.swap(false, Ordering::Relaxed) && k.set_aside_at.load(Ordering::Relaxed) == 0)
+            .map(|(i, k)| (i, k.header.clone()))
+            .collect()
+    }
+
     /// Bring key `idx` back into rotation (it worked again). Returns true when this changed it.
     pub fn restore(&self, idx: usize) -> bool {
         self.keys.get(idx).is_some_and(|k| k.set_aside_at.swap(0, Ordering::Relaxed) != 0)
@@ -216,21 +154,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base_url_join() {
-        let b = BaseUrl::parse("https://api.example.com/api/v1").unwrap();
-        assert_eq!(b.join("/chat/completions").to_string(), "https://api.example.com/api/v1/chat/completions");
-        assert_eq!(b.join_absolute("/health").to_string(), "https://api.example.com/health");
-        assert_eq!(b.host_port(), ("api.example.com".to_string(), 443));
-        let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
-        assert_eq!(b.join("/models").to_string(), "http://127.0.0.1:9000/models");
-        assert_eq!(b.host(), "127.0.0.1:9000");
-        assert_eq!(BaseUrl::parse("https://api.example.com:443/v1").unwrap().host(), "api.example.com");
-        assert_eq!(BaseUrl::parse("http://[::1]:8080/v1").unwrap().host(), "[::1]:8080");
-        assert!(BaseUrl::parse("ftp://x").is_none());
-        assert!(BaseUrl::parse("not a url").is_none());
-    }
-
-    #[test]
     fn key_pool_rotates_and_sets_aside() {
         let pool = KeyPool::new(&[Secret::new("a"), Secret::new("b"), Secret::new("c")]);
         let picks: Vec<usize> = (0..6).map(|_| pool.next().unwrap().unwrap().0).collect();
@@ -248,6 +171,21 @@ mod tests {
         assert!(pool.restore(2));
         assert_eq!(pool.next().unwrap().unwrap().0, 2);
         assert!(KeyPool::new(&[]).next().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_suspect_key_is_handed_out_once_for_a_probe() {
+        let pool = KeyPool::new(&[Secret::new("a"), Secret::new("b")]);
+        assert!(pool.take_suspects().is_empty());
+        assert!(pool.suspect(1));
+        assert!(!pool.suspect(1), "already suspect");
+        let s = pool.take_suspects();
+        assert_eq!(s.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1]);
+        assert!(pool.take_suspects().is_empty(), "handed out once");
+        assert!(pool.has_usable() && pool.counts() == (2, 0), "suspect is not set aside");
+        pool.suspect(0);
+        pool.set_aside(0, 5);
+        assert!(pool.take_suspects().is_empty(), "a key already set aside needs no probe");
     }
 
     #[test]

@@ -4,20 +4,25 @@
 //! The request path only hands a finished [`Entry`] to a bounded queue ([`RequestLog::record`] never blocks and
 //! never touches the disk); one writer thread drains the queue in batches, one transaction per batch, and prunes
 //! rows older than the retention. A full queue or a failed write is counted in
-//! `sheepdog_request_log_dropped_total`, never waited for. [`RequestLog::close`] writes what is queued and stops
+//! `sheepdog_request_log_dropped_total`, never waited for; `sheepdog_request_log_queue_depth` is what waits. [`RequestLog::close`] writes what is queued and stops
 //! the writer: the server calls it after draining connections, so answered requests survive a graceful shutdown.
 //! Knows nothing of HTTP or routing; holds no API key (entries carry names and numbers only).
 
-use std::borrow::Cow;
+mod entry;
+mod sqlite;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use prometheus::IntCounter;
-use rusqlite::{params, Connection, OptionalExtension};
+use prometheus::{IntCounter, IntGauge};
+use rusqlite::Connection;
+
+pub use entry::{Entry, RequestId};
+pub use sqlite::{open_read, read_since};
 
 use crate::config::LogConfig;
 use crate::metrics::Metrics;
@@ -33,98 +38,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The writer thread's nice value (see [`lower_priority`]).
 const WRITER_NICE: libc::c_int = 10;
-
-/// The schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    ts_ms INTEGER NOT NULL,
-    api TEXT NOT NULL,
-    model TEXT NOT NULL,
-    served_model TEXT,
-    endpoint TEXT,
-    status INTEGER NOT NULL,
-    error TEXT,
-    attempts INTEGER NOT NULL,
-    stream INTEGER NOT NULL,
-    duration_ms REAL NOT NULL,
-    ttft_ms REAL,
-    prompt_tokens INTEGER,
-    completion_tokens INTEGER,
-    cost_usd REAL
-);
-";
-
-/// Rows are appended when their request ends, so `ts_ms` (arrival) is in `id` order up to the duration of a
-/// request. Time windows are found by a binary search over `id` for a time this much earlier, then filtered
-/// exactly: no index on `ts_ms` to keep up on every insert (it cost a third of the writer's time per row).
-const ORDER_SLACK_MS: i64 = 3_600_000;
-
-const INSERT: &str = "INSERT INTO requests (ts_ms, api, model, served_model, endpoint, status, error, attempts, \
-    stream, duration_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
-
-/// One answered client request, as logged.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    /// When the request arrived, Unix milliseconds.
-    pub ts_ms: i64,
-    /// `chat` or `embeddings`.
-    pub api: &'static str,
-    /// The model the client asked for (empty when the body named none).
-    pub model: String,
-    /// The public model that served (differs from `model` after a fallback).
-    pub served_model: Option<String>,
-    /// The endpoint that served.
-    pub endpoint: Option<String>,
-    /// HTTP status the client got (499: the client went away mid-stream).
-    pub status: u16,
-    /// The error code the client saw, or what went wrong after the answer started (`stream_broken`).
-    pub error: Option<Cow<'static, str>>,
-    /// Upstream attempts made.
-    pub attempts: u32,
-    /// `stream: true`.
-    pub stream: bool,
-    /// From arrival to the last byte handed to the client, ms.
-    pub duration_ms: f64,
-    /// From arrival to the first byte of the answer (the first chunk of a stream), ms.
-    pub ttft_ms: Option<f64>,
-    /// Prompt tokens, as the upstream reported them.
-    pub prompt_tokens: Option<u64>,
-    /// Completion tokens, as the upstream reported them.
-    pub completion_tokens: Option<u64>,
-    /// Cost from the pricing table, USD.
-    pub cost_usd: Option<f64>,
-}
-
-impl Entry {
-    /// An entry for a request that arrived now on `api`; the pipeline fills in the rest.
-    pub fn begin(api: &'static str) -> Entry {
-        Entry {
-            ts_ms: unix_ms(),
-            api,
-            model: String::new(),
-            served_model: None,
-            endpoint: None,
-            status: 0,
-            error: None,
-            attempts: 0,
-            stream: false,
-            duration_ms: 0.0,
-            ttft_ms: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            cost_usd: None,
-        }
-    }
-}
-
-/// The wall clock in Unix milliseconds, the time base of `ts_ms`.
-pub fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Why the request log could not be opened: the file, or the writer thread.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +57,8 @@ pub struct RequestLog {
     tx: Option<SyncSender<Msg>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dropped: IntCounter,
+    /// Rows queued and not yet taken by the writer.
+    depth: IntGauge,
     /// Last time (s since `opened`, plus one) a drop was reported, to report at most one a minute.
     warned_s: AtomicU64,
     opened: Instant,
@@ -157,6 +72,7 @@ impl RequestLog {
             tx: None,
             writer: Mutex::new(None),
             dropped: metrics.log_dropped.clone(),
+            depth: metrics.log_queue_depth.clone(),
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
             path: None,
@@ -172,22 +88,25 @@ impl RequestLog {
             path: cfg.path.display().to_string(),
             source,
         };
-        let conn = open_db(&cfg.path).map_err(|e| err(e.into()))?;
+        let conn = sqlite::open_db(&cfg.path).map_err(|e| err(e.into()))?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let written = metrics.log_written.clone();
         let dropped = metrics.log_dropped.clone();
         let retention = cfg.retention;
+        let depth = metrics.log_queue_depth.clone();
+        metrics.log_queue_capacity.set(QUEUE_CAPACITY as i64);
         let writer = std::thread::Builder::new()
             .name("sheepdog-log".into())
             .spawn(move || {
                 lower_priority();
-                write_loop(conn, rx, written, dropped, retention)
+                write_loop(conn, rx, (written, dropped, depth), retention)
             })
             .map_err(|e| err(e.into()))?;
         Ok(RequestLog {
             tx: Some(tx),
             writer: Mutex::new(Some(writer)),
             dropped: metrics.log_dropped.clone(),
+            depth: metrics.log_queue_depth.clone(),
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
             path: Some(cfg.path.clone()),
@@ -202,6 +121,7 @@ impl RequestLog {
     /// Queue an entry for writing; never blocks. A full queue drops it (counted, and reported once a minute).
     pub fn record(&self, e: Entry) {
         let Some(tx) = &self.tx else { return };
+        self.depth.inc();
         match tx.try_send(Msg::Row(Box::new(e))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.lost("the request log's queue is full: the disk is too slow"),
@@ -210,6 +130,7 @@ impl RequestLog {
     }
 
     fn lost(&self, why: &str) {
+        self.depth.dec();
         self.dropped.inc();
         let now_s = self.opened.elapsed().as_secs() + 1;
         let last = self.warned_s.load(Ordering::Relaxed);
@@ -256,27 +177,19 @@ fn lower_priority() {
     }
 }
 
-fn open_db(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    // WAL: readers (`sheepdog report`) never block the writer; NORMAL: a crash of the process loses nothing
-    // committed, only a power cut may lose the last batches.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)?;
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version == 0 {
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    }
-    Ok(conn)
-}
-
-fn write_loop(mut conn: Connection, rx: Receiver<Msg>, written: IntCounter, dropped: IntCounter, retention: Duration) {
+/// The writer: `counters` are rows written, rows dropped, and the queue's depth.
+fn write_loop(
+    mut conn: Connection,
+    rx: Receiver<Msg>,
+    counters: (IntCounter, IntCounter, IntGauge),
+    retention: Duration,
+) {
+    let (written, dropped, depth) = counters;
     let mut batch: Vec<Box<Entry>> = Vec::with_capacity(1024);
     let mut next_prune = Instant::now();
     loop {
         if !retention.is_zero() && Instant::now() >= next_prune {
-            prune(&conn, retention);
+            sqlite::prune(&conn, retention);
             next_prune = Instant::now() + PRUNE_EVERY;
         }
         // Wake on a timer, never on a row: the writer is never blocked in `recv`, so queueing a row costs the
@@ -285,7 +198,10 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, written: IntCounter, drop
         let mut closing = false;
         loop {
             match rx.try_recv() {
-                Ok(Msg::Row(e)) => batch.push(e),
+                Ok(Msg::Row(e)) => {
+                    depth.dec();
+                    batch.push(e)
+                }
                 Ok(Msg::Close) => closing = true,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     closing = true;
@@ -296,7 +212,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, written: IntCounter, drop
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            match write_batch(&mut conn, &batch) {
+            match sqlite::write_batch(&mut conn, &batch) {
                 Ok(()) => written.inc_by(n),
                 Err(e) => {
                     dropped.inc_by(n);
@@ -311,105 +227,11 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, written: IntCounter, drop
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Box<Entry>]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut st = tx.prepare_cached(INSERT)?;
-        for e in batch {
-            st.execute(params![
-                e.ts_ms,
-                e.api,
-                e.model,
-                e.served_model,
-                e.endpoint,
-                e.status,
-                e.error,
-                e.attempts,
-                e.stream,
-                e.duration_ms,
-                e.ttft_ms,
-                e.prompt_tokens.map(|n| n as i64),
-                e.completion_tokens.map(|n| n as i64),
-                e.cost_usd,
-            ])?;
-        }
-    }
-    tx.commit()
-}
-
-fn prune(conn: &Connection, retention: Duration) {
-    let cutoff = unix_ms() - retention.as_millis() as i64;
-    let deleted = first_id_from(conn, cutoff)
-        .and_then(|id| conn.execute("DELETE FROM requests WHERE id < ?1 AND ts_ms < ?2", params![id, cutoff]));
-    match deleted {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(rows = n, "request log: pruned rows older than the retention"),
-        Err(e) => tracing::warn!(error = %e, "request log: pruning failed"),
-    }
-}
-
-/// Open a request log file for reading (`sheepdog report`).
-pub fn open_read(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
-}
-
-/// The first row id from which on every row with `ts_ms >= since_ms` lies (see [`ORDER_SLACK_MS`]): a
-/// binary search for a row that arrived before `since_ms - ORDER_SLACK_MS` and whose successor did not. Every
-/// row before such a row was appended before it, so it arrived before `since_ms`.
-fn first_id_from(conn: &Connection, since_ms: i64) -> rusqlite::Result<i64> {
-    let target = since_ms.saturating_sub(ORDER_SLACK_MS);
-    let (min, max): (Option<i64>, Option<i64>) =
-        conn.query_row("SELECT MIN(id), MAX(id) FROM requests", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let (Some(mut lo), Some(max)) = (min, max) else { return Ok(0) };
-    let mut hi = max + 1;
-    let mut st = conn.prepare_cached("SELECT ts_ms FROM requests WHERE id >= ?1 ORDER BY id LIMIT 1")?;
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let ts: Option<i64> = st.query_row(params![mid], |r| r.get(0)).optional()?;
-        match ts {
-            Some(ts) if ts < target => lo = mid + 1,
-            _ => hi = mid,
-        }
-    }
-    Ok(lo)
-}
-
-/// Every row of `conn` with `ts_ms >= since_ms`, in the order they were written.
-pub fn read_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Entry>> {
-    let first = first_id_from(conn, since_ms)?;
-    let mut st = conn.prepare(
-        "SELECT ts_ms, api, model, served_model, endpoint, status, error, attempts, stream, duration_ms, ttft_ms, \
-         prompt_tokens, completion_tokens, cost_usd FROM requests WHERE id >= ?1 AND ts_ms >= ?2 ORDER BY id",
-    )?;
-    let rows = st.query_map(params![first, since_ms], |r| {
-        Ok(Entry {
-            ts_ms: r.get(0)?,
-            api: match r.get::<_, String>(1)?.as_str() {
-                "embeddings" => "embeddings",
-                _ => "chat",
-            },
-            model: r.get(2)?,
-            served_model: r.get(3)?,
-            endpoint: r.get(4)?,
-            status: r.get(5)?,
-            error: r.get::<_, Option<String>>(6)?.map(Cow::Owned),
-            attempts: r.get(7)?,
-            stream: r.get(8)?,
-            duration_ms: r.get(9)?,
-            ttft_ms: r.get(10)?,
-            prompt_tokens: r.get::<_, Option<i64>>(11)?.map(|n| n.max(0) as u64),
-            completion_tokens: r.get::<_, Option<i64>>(12)?.map(|n| n.max(0) as u64),
-            cost_usd: r.get(13)?,
-        })
-    })?;
-    rows.collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::sqlite::{first_id_from, open_read, read_since};
     use super::*;
+    use crate::clock::unix_ms;
 
     fn entry(i: i64) -> Entry {
         Entry {
@@ -443,6 +265,8 @@ mod tests {
         log.close();
         assert_eq!(m.log_written.get(), 1000);
         assert_eq!(m.log_dropped.get(), 0);
+        assert_eq!(m.log_queue_depth.get(), 0, "every queued row was taken");
+        assert_eq!(m.log_queue_capacity.get(), QUEUE_CAPACITY as i64);
         let rows = read_since(&open_read(&dir.path().join("log.db")).unwrap(), 0).unwrap();
         assert_eq!(rows.len(), 1000);
         assert_eq!(rows[0], entry(0));
@@ -450,6 +274,7 @@ mod tests {
         // After close, entries are counted as dropped, not lost silently.
         log.record(entry(5000));
         assert_eq!(m.log_dropped.get(), 1);
+        assert_eq!(m.log_queue_depth.get(), 0);
     }
 
     #[test]
@@ -499,6 +324,56 @@ mod tests {
         let rows = read_since(&open_read(&c.path).unwrap(), 0).unwrap();
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(rows[0].ts_ms > 1000);
+    }
+
+    #[test]
+    fn a_version_1_file_is_upgraded_in_place_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        {
+            // A request log as sheepdog wrote it before schema 2.
+            let conn = Connection::open(&c.path).unwrap();
+            conn.execute_batch(sqlite::SCHEMA).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO requests (ts_ms, api, model, status, attempts, stream, duration_ms, cost_usd) \
+                 VALUES (5, 'chat', 'gpt-4.1', 200, 1, 0, 1.5, 0.25)",
+                [],
+            )
+            .unwrap();
+        }
+        let m = Metrics::new();
+        let log = RequestLog::open(&c, &m).unwrap();
+        let new = Entry {
+            request_id: Some(RequestId(0x0123_4567_89ab_cdef)),
+            route_reason: Some("fallback".into()),
+            cached_tokens: Some(4),
+            reasoning_tokens: Some(2),
+            cost_nanos: Some(60_000),
+            ..entry(1)
+        };
+        log.record(new.clone());
+        log.close();
+        let conn = open_read(&c.path).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, sqlite::SCHEMA_VERSION);
+        let rows = read_since(&conn, 0).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].model.as_str(), rows[0].cost_usd, rows[0].request_id), ("gpt-4.1", Some(0.25), None));
+        assert_eq!(rows[0].cost_nanos, None);
+        assert_eq!(rows[1], new);
+        // Opening it again changes nothing; a file from a newer sheepdog is refused with the reason.
+        RequestLog::open(&c, &m).unwrap().close();
+        Connection::open(&c.path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let e = RequestLog::open(&c, &m).err().unwrap();
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+
+    #[test]
+    fn request_ids_are_distinct_and_shown_in_hex() {
+        assert_eq!(RequestId(0x0123_4567_89ab_cdef).to_string(), "req_0123456789abcdef");
+        let ids: std::collections::HashSet<u64> = (0..10_000).map(|_| RequestId::new().0).collect();
+        assert_eq!(ids.len(), 10_000);
     }
 
     #[test]

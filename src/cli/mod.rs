@@ -1,5 +1,9 @@
-//! The command line: `serve` (default), `check`, `config check`, `mock`, `report`. Parses arguments, sets up logging and
-//! the runtime, and hands over to the module that owns each command.
+//! The command line: `serve` (default), `check`, `config check`, `mock`, `report`, `drill`, `healthcheck`.
+//! Parses arguments, sets up logging (text or JSON lines on stderr) and the runtime, and hands over to the module
+//! that owns each command.
+
+pub mod check;
+mod healthcheck;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +12,8 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config};
+use sheepdog_mock::demo::Demo;
+
 use crate::gateway::Gateway;
 
 /// sheepdog: one OpenAI-compatible endpoint in front of many LLM upstreams, with health checks, circuit
@@ -17,6 +23,15 @@ use crate::gateway::Gateway;
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Log format on stderr: `text`, or `json` (one JSON object a line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,9 +44,33 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// A simulated OpenAI-compatible upstream, for demos, tests and benchmarks.
-    Mock(crate::mock::MockArgs),
+    Mock(sheepdog_mock::MockArgs),
     /// Statistics from the request log: per model and endpoint, a timeline, charts.
     Report(ReportArgs),
+    /// The outage drill against simulated upstreams: exit 0 when success >= 99.9 % and nothing was lost.
+    Drill(DrillArgs),
+    /// GET a URL (default: this host's /health on port 8080); exit 0 on a 2xx answer, else 1. For containers.
+    Healthcheck {
+        /// The URL to ask.
+        #[arg(long, default_value = "http://127.0.0.1:8080/health")]
+        url: String,
+        /// How long to wait for the answer (e.g. 2s).
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct DrillArgs {
+    /// Requests per second (open loop), up to 2,000 per core of this machine.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Length of the whole drill; the phases scale with it (10s to 1h).
+    #[arg(long, default_value = "60s")]
+    duration: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -83,10 +122,15 @@ enum ConfigCommand {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        // Fields at the top level of each object, beside `timestamp`, `level`, `target` and `message`.
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+    };
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -96,7 +140,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The drill's report is the point; the breaker transitions of its gateway are logged from `warn` up.
+    let default = if matches!(cli.command, Some(Command::Drill(_))) { "warn" } else { "info" };
+    init_logging(cli.log_format, default);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -109,7 +155,15 @@ pub fn main() -> ExitCode {
         Command::Check(a) => rt.block_on(check(a)),
         Command::Config(ConfigCommand::Check { config }) => config_check(config.as_deref()),
         Command::Report(a) => report(&a),
-        Command::Mock(a) => match rt.block_on(crate::mock::run(a)) {
+        Command::Drill(a) => rt.block_on(crate::drill::command(a.rate, &a.duration, a.json)),
+        Command::Healthcheck { url, timeout } => match config::parse_duration(&timeout) {
+            Ok(t) => rt.block_on(healthcheck::run(&url, t)),
+            Err(e) => {
+                eprintln!("error: --timeout: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Mock(a) => match rt.block_on(mock(a)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -158,7 +212,13 @@ fn config_check(path: Option<&Path>) -> ExitCode {
 }
 
 /// The config to run with: the file, or the embedded demo with its mocks started in-process.
-async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>, Option<crate::demo::Demo>), ExitCode> {
+async fn mock(a: sheepdog_mock::MockArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (listener, _) =
+        crate::http::bind(&a.listen).await.map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+    sheepdog_mock::run(a, listener).await
+}
+
+async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>, Option<Demo>), ExitCode> {
     match config::locate(path) {
         Some(p) => match config::load_file(&p) {
             Ok(c) => Ok((c, Some(p), None)),
@@ -167,8 +227,14 @@ async fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>, Option<cr
                 Err(ExitCode::from(2))
             }
         },
-        None => match crate::demo::Demo::start().await {
-            Ok(d) => Ok((d.config.clone(), None, Some(d))),
+        None => match Demo::start().await {
+            Ok(d) => match config::parse(&d.config_toml, "<embedded demo>", &config::ProcessEnv) {
+                Ok(c) => Ok((c, None, Some(d))),
+                Err(e) => {
+                    eprintln!("error: the embedded demo's config is invalid: {e}");
+                    Err(ExitCode::from(1))
+                }
+            },
             Err(e) => {
                 eprintln!("error: cannot start the embedded demo: {e}");
                 Err(ExitCode::from(1))
@@ -186,7 +252,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
         config.server.listen = l;
     }
     let listen = config.server.listen.clone();
-    let (listener, addr) = match crate::server::bind(&listen).await {
+    let (listener, addr) = match crate::http::bind(&listen).await {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: cannot listen on {listen}: {e}");
@@ -200,7 +266,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let shutdown = crate::server::signals(gw.clone());
+    let shutdown = crate::http::signals(gw.clone());
     tokio::spawn(crate::health::run(gw.clone(), shutdown.clone()));
     if let Some(d) = &demo {
         d.misbehave(shutdown.clone());
@@ -225,7 +291,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    crate::server::serve(gw.clone(), listener, shutdown).await;
+    crate::http::serve(gw.clone(), listener, shutdown).await;
     // Answered requests are queued for the log; write them all before exiting.
     let closing = gw.clone();
     let _ = tokio::task::spawn_blocking(move || closing.log.close()).await;
@@ -238,9 +304,9 @@ async fn check(a: CheckArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let results = crate::check::run(config).await;
+    let results = check::run(config).await;
     drop(demo);
-    crate::check::report(&results, a.json, a.log.as_deref())
+    check::report(&results, a.json, a.log.as_deref())
 }
 
 /// Start a gateway for tests and embedding: serve `config` on its listen address with the prober running.
@@ -249,10 +315,10 @@ pub async fn start(
     config: Config,
     path: Option<PathBuf>,
 ) -> std::io::Result<(std::net::SocketAddr, Arc<Gateway>, tokio::sync::watch::Sender<bool>)> {
-    let (listener, addr) = crate::server::bind(&config.server.listen).await?;
+    let (listener, addr) = crate::http::bind(&config.server.listen).await?;
     let gw = Gateway::open(config, path).map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::health::run(gw.clone(), rx.clone()));
-    tokio::spawn(crate::server::serve(gw.clone(), listener, rx));
+    tokio::spawn(crate::http::serve(gw.clone(), listener, rx));
     Ok((addr, gw, tx))
 }

@@ -1,6 +1,7 @@
 //! `sheepdog check`: one round of probes against every endpoint and model, with connect time, time to first
 //! byte and total latency, as a table or JSON, for cron and for the person on call.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::Runtime;
+use crate::state::{Changes, Runtime, Shared};
 
 /// One row of the check.
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +47,8 @@ async fn connect_ms(host: &str, port: u16, timeout: Duration) -> Result<f64, Str
 /// Probe every pair once, concurrently.
 pub async fn run(config: Config) -> Vec<CheckResult> {
     let metrics = Metrics::new();
-    let rt = Runtime::build(config, None, &metrics);
+    let shared = Shared { metrics: &metrics, changes: &Changes::default(), memory: &HashMap::new() };
+    let rt = Runtime::build(config, None, &shared);
     let mut tasks = Vec::new();
     for e in &rt.endpoints {
         for (i, pair) in e.pairs.iter().enumerate() {
@@ -57,7 +59,7 @@ pub async fn run(config: Config) -> Vec<CheckResult> {
                 let auth = e.keys.next().ok().flatten().map(|(_, h)| h.clone());
                 let base = CheckResult {
                     endpoint: e.cfg.name.clone(),
-                    model: pair.model.clone(),
+                    model: pair.model().to_string(),
                     status: "unhealthy",
                     connect_ms: connect.as_ref().ok().copied(),
                     ttfb_ms: None,
@@ -68,7 +70,7 @@ pub async fn run(config: Config) -> Vec<CheckResult> {
                 if let Err(err) = connect {
                     return CheckResult { error: Some(err), ..base };
                 }
-                let r = crate::health::probe(&e.client, &e, &pair, &e.cfg.models[i].1, &health, auth).await;
+                let r = crate::health::probe(&e, pair.kind(), &e.cfg.models[i].1, &health, auth).await;
                 let status = if !r.ok {
                     "unhealthy"
                 } else if r.ttfb_ms > e.cfg.max_latency_ms as f64 {
@@ -126,7 +128,7 @@ pub fn report(results: &[CheckResult], json: bool, log: Option<&Path>) -> ExitCo
         }
     }
     if let Some(path) = log {
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let ts = crate::clock::unix_s();
         let lines: String = results
             .iter()
             .map(|r| {
