@@ -286,7 +286,10 @@ async fn json_logs_one_line_per_request_and_one_per_state_change() {
     assert!(ok["latency_ms"].as_f64().unwrap() > 0.0 && ok["cost_usd"].as_f64().unwrap() > 0.0, "{ok}");
     let ids: HashSet<&str> = access.iter().map(|l| l["request_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 6, "request ids are unique");
-    assert!(ids.iter().all(|id| id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit())), "{ids:?}");
+    assert!(
+        ids.iter().all(|id| id.len() == 20 && id.starts_with("req_") && id[4..].chars().all(|c| c.is_ascii_hexdigit())),
+        "{ids:?}"
+    );
     let unknown = access.iter().find(|l| l["status"] == 404).unwrap();
     assert_eq!((unknown["model"].as_str(), unknown["error"].as_str()), (Some("unknown"), Some("model_not_found")));
 

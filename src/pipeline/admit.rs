@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::header;
 use http::{Request, StatusCode};
 use http_body::Body as HttpBody;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 
 use crate::protocol::{openai, Api, ApiError, RequestInfo};
 
@@ -35,14 +35,48 @@ where
         }
     }
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = std::pin::pin!(req.into_body());
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(body.as_mut()).await;
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(ApiError::invalid("body_read_error", "The request body could not be read")),
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.as_mut().frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::invalid("body_read_error", "The request body could not be read"));
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body.as_mut()).await;
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
     }
+    Ok(buf.freeze())
+}
+
+/// At most this much of a refused body is read and thrown away before the 413 goes out.
+const DRAIN_BYTES: usize = 32 << 20;
+/// … and for at most this long.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Read and discard what is left of a body that is too large (bounded in bytes and time), so that a client still
+/// sending it reads the 413 instead of a connection reset; past the bounds the connection is closed anyway.
+async fn drain<B>(mut body: std::pin::Pin<&mut B>)
+where
+    B: HttpBody<Data = Bytes>,
+{
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.as_mut().frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Validate the body for `api` and find what routing needs.

@@ -202,6 +202,7 @@ impl Finish {
             return;
         }
         let status = if ending == Ending::ClientGone { 499 } else { status };
+        let request_id = self.request_id();
         let mut entry = std::mem::replace(&mut self.entry, Entry::empty(""));
         entry.status = status;
         entry.duration_ms = ms_since(self.arrived);
@@ -266,7 +267,7 @@ impl Finish {
         });
         tracing::info!(
             target: "sheepdog::access",
-            request_id = %self.request_id(),
+            request_id = %request_id,
             client = ANONYMOUS,
             api = entry.api,
             model = model.name(),
