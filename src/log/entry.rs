@@ -85,6 +85,14 @@ pub struct Entry {
     pub reasoning_tokens: Option<u64>,
     /// Cost from the pricing table, exact, in nano-dollars.
     pub cost_nanos: Option<u64>,
+    /// The client that asked (a configured client's name; `None` for anonymous requests).
+    pub client: Option<std::sync::Arc<str>>,
+    /// The token counts are the gateway's own estimate (the upstream reported no usage).
+    pub estimated: bool,
+    /// The prompt as sent (the request body), only with `[log] bodies = true`.
+    pub prompt_text: Option<String>,
+    /// The completion text handed to the client, only with `[log] bodies = true`.
+    pub completion_text: Option<String>,
 }
 
 impl Entry {
@@ -115,6 +123,10 @@ impl Entry {
             cached_tokens: None,
             reasoning_tokens: None,
             cost_nanos: None,
+            client: None,
+            estimated: false,
+            prompt_text: None,
+            completion_text: None,
         }
     }
 }

@@ -350,6 +350,8 @@ mod tests {
             cached_tokens: Some(4),
             reasoning_tokens: Some(2),
             cost_nanos: Some(60_000),
+            client: Some("web-app".into()),
+            estimated: true,
             ..entry(1)
         };
         log.record(new.clone());
@@ -360,7 +362,7 @@ mod tests {
         let rows = read_since(&conn, 0).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!((rows[0].model.as_str(), rows[0].cost_usd, rows[0].request_id), ("gpt-4.1", Some(0.25), None));
-        assert_eq!(rows[0].cost_nanos, None);
+        assert_eq!((rows[0].cost_nanos, rows[0].client.as_deref(), rows[0].estimated), (None, None, false));
         assert_eq!(rows[1], new);
         // Opening it again changes nothing; a file from a newer sheepdog is refused with the reason.
         RequestLog::open(&c, &m).unwrap().close();

@@ -11,18 +11,27 @@ use super::Entry;
 use crate::clock::unix_ms;
 
 /// The schema version in `PRAGMA user_version`: the last of [`MIGRATIONS`].
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Each schema version after the first and the statements that make it, applied in order at open: an
 /// existing file upgrades in place, a new one is created at version 1 and migrated the same way.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    2,
-    "ALTER TABLE requests ADD COLUMN request_id INTEGER;
-     ALTER TABLE requests ADD COLUMN route_reason TEXT;
-     ALTER TABLE requests ADD COLUMN cached_tokens INTEGER;
-     ALTER TABLE requests ADD COLUMN reasoning_tokens INTEGER;
-     ALTER TABLE requests ADD COLUMN cost_nanos INTEGER;",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        "ALTER TABLE requests ADD COLUMN request_id INTEGER;
+         ALTER TABLE requests ADD COLUMN route_reason TEXT;
+         ALTER TABLE requests ADD COLUMN cached_tokens INTEGER;
+         ALTER TABLE requests ADD COLUMN reasoning_tokens INTEGER;
+         ALTER TABLE requests ADD COLUMN cost_nanos INTEGER;",
+    ),
+    (
+        3,
+        "ALTER TABLE requests ADD COLUMN client TEXT;
+         ALTER TABLE requests ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE requests ADD COLUMN prompt_text TEXT;
+         ALTER TABLE requests ADD COLUMN completion_text TEXT;",
+    ),
+];
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
@@ -52,8 +61,9 @@ pub(super) const ORDER_SLACK_MS: i64 = 3_600_000;
 pub(super) const INSERT: &str =
     "INSERT INTO requests (ts_ms, api, model, served_model, endpoint, status, error, attempts, \
     stream, duration_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd, request_id, route_reason, \
-    cached_tokens, reasoning_tokens, cost_nanos) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+    cached_tokens, reasoning_tokens, cost_nanos, client, estimated, prompt_text, completion_text) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
+    ?23)";
 
 pub(super) fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
@@ -110,6 +120,10 @@ pub(super) fn write_batch(conn: &mut Connection, batch: &[Box<Entry>]) -> rusqli
                 e.cached_tokens.map(|n| n as i64),
                 e.reasoning_tokens.map(|n| n as i64),
                 e.cost_nanos.map(|n| n as i64),
+                e.client.as_deref(),
+                e.estimated,
+                e.prompt_text,
+                e.completion_text,
             ])?;
         }
     }
@@ -161,7 +175,7 @@ pub fn read_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Entr
     let mut st = conn.prepare(
         "SELECT ts_ms, api, model, served_model, endpoint, status, error, attempts, stream, duration_ms, ttft_ms, \
          prompt_tokens, completion_tokens, cost_usd, request_id, route_reason, cached_tokens, reasoning_tokens, \
-         cost_nanos FROM requests WHERE id >= ?1 AND ts_ms >= ?2 ORDER BY id",
+         cost_nanos, client, estimated FROM requests WHERE id >= ?1 AND ts_ms >= ?2 ORDER BY id",
     )?;
     let rows = st.query_map(params![first, since_ms], |r| {
         Ok(Entry {
@@ -187,6 +201,10 @@ pub fn read_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Entr
             cached_tokens: r.get::<_, Option<i64>>(16)?.map(|n| n.max(0) as u64),
             reasoning_tokens: r.get::<_, Option<i64>>(17)?.map(|n| n.max(0) as u64),
             cost_nanos: r.get::<_, Option<i64>>(18)?.map(|n| n.max(0) as u64),
+            client: r.get::<_, Option<String>>(19)?.map(std::sync::Arc::from),
+            estimated: r.get(20)?,
+            prompt_text: None,
+            completion_text: None,
         })
     })?;
     rows.collect()
