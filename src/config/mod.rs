@@ -12,6 +12,7 @@ use serde::Deserialize;
 use sheepdog_policy::balance::Strategy;
 
 mod base_url;
+mod policies;
 mod raw;
 mod secret;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod tests;
 mod validate;
 
 pub use base_url::BaseUrl;
+pub use policies::{parse_key_hash, BudgetConfig, ClientConfig, Period, RouteConfig, StateBackend, StateConfig};
 pub use secret::Secret;
 
 /// A configuration mistake: the file, the line (when known), the key path and what is wrong.
@@ -66,6 +68,14 @@ pub struct Config {
     pub endpoints: Vec<EndpointConfig>,
     /// `[[models]]`, in file order.
     pub models: Vec<ModelConfig>,
+    /// `[[budgets]]`, in file order.
+    pub budgets: Vec<BudgetConfig>,
+    /// `[[routes]]`, in file order (the order rules are tried in).
+    pub routes: Vec<RouteConfig>,
+    /// `[[clients]]`; none: anonymous requests (on a loopback address, or with `allow_anonymous`).
+    pub clients: Vec<ClientConfig>,
+    /// `[state]`.
+    pub state: StateConfig,
 }
 
 /// `[server]`.
@@ -81,6 +91,14 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Open client connections at most; 0: derived from the process's file limit at start.
     pub max_connections: usize,
+    /// Serve requests without a client key on a non-loopback address.
+    pub allow_anonymous: bool,
+    /// Time to receive a whole request (head and body); then 408.
+    pub client_timeout: Duration,
+    /// `/v1/*` requests in flight at most, open streams included; past it 503 `overloaded`.
+    pub max_concurrent_requests: usize,
+    /// A stream is ended after this long.
+    pub max_stream_duration: Duration,
 }
 
 /// `[log]`: the persistent request log (one SQLite row per answered client request).
@@ -92,6 +110,10 @@ pub struct LogConfig {
     pub path: PathBuf,
     /// Rows older than this are deleted (zero keeps everything).
     pub retention: Duration,
+    /// A PostgreSQL URL: the log goes there instead of the SQLite file.
+    pub url: Option<String>,
+    /// Keep prompt and completion text in the log.
+    pub bodies: bool,
 }
 
 /// How an endpoint is probed.
@@ -232,6 +254,17 @@ impl Config {
     /// The model entry named `name`.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The route aliases (the `model` of `[[routes]]`), each once, in file order.
+    pub fn aliases(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for r in &self.routes {
+            if !out.contains(&r.model.as_str()) {
+                out.push(&r.model);
+            }
+        }
+        out
     }
 }
 

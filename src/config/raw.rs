@@ -25,6 +25,14 @@ pub(super) struct RawConfig {
     pub(super) endpoints: Vec<RawEndpoint>,
     #[serde(default)]
     pub(super) models: Vec<RawModel>,
+    #[serde(default)]
+    pub(super) budgets: Vec<RawBudget>,
+    #[serde(default)]
+    pub(super) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(super) clients: Vec<RawClient>,
+    #[serde(default)]
+    pub(super) state: RawState,
 }
 
 #[derive(Deserialize, Default)]
@@ -35,6 +43,10 @@ pub(super) struct RawServer {
     pub(super) max_body_bytes: Option<Spanned<i64>>,
     pub(super) max_header_bytes: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) allow_anonymous: Option<bool>,
+    pub(super) client_timeout: Option<S>,
+    pub(super) max_concurrent_requests: Option<Spanned<i64>>,
+    pub(super) max_stream_duration: Option<S>,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,6 +89,8 @@ pub(super) struct RawLog {
     pub(super) enabled: Option<bool>,
     pub(super) path: Option<S>,
     pub(super) retention: Option<S>,
+    pub(super) url: Option<S>,
+    pub(super) bodies: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -109,4 +123,56 @@ pub(super) struct RawModel {
     pub(super) kind: Option<ModelKind>,
     pub(super) static_fallback: Option<S>,
     pub(super) hedge_after: Option<S>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBudget {
+    pub(super) name: Option<S>,
+    pub(super) period: Option<S>,
+    pub(super) warn_usd: Option<Spanned<f64>>,
+    pub(super) downgrade_usd: Option<Spanned<f64>>,
+    pub(super) downgrade_to: Option<S>,
+    pub(super) limit_usd: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub(super) models: Vec<S>,
+    #[serde(default)]
+    pub(super) clients: Vec<S>,
+    pub(super) webhook: Option<S>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<S>,
+    pub(super) model: Option<S>,
+    pub(super) target: Option<S>,
+    pub(super) regex: Option<S>,
+    #[serde(default)]
+    pub(super) keywords: Vec<S>,
+    pub(super) min_prompt_tokens: Option<Spanned<i64>>,
+    pub(super) max_prompt_tokens: Option<Spanned<i64>>,
+    pub(super) has_code: Option<bool>,
+    pub(super) has_tools: Option<bool>,
+    pub(super) headers: Option<Spanned<toml::Table>>,
+    pub(super) metadata: Option<Spanned<toml::Table>>,
+    pub(super) default: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) name: Option<S>,
+    pub(super) key_hash: Option<S>,
+    pub(super) models: Option<Vec<S>>,
+    pub(super) rpm: Option<Spanned<i64>>,
+    pub(super) tpm: Option<Spanned<i64>>,
+    pub(super) max_parallel: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawState {
+    pub(super) backend: Option<S>,
+    pub(super) redis_url: Option<S>,
 }

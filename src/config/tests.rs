@@ -151,7 +151,13 @@ fn request_log_settings() {
     let c = parse(GOOD, "t.toml", &env).unwrap();
     assert_eq!(
         c.log,
-        LogConfig { enabled: true, path: "sheepdog.db".into(), retention: Duration::from_secs(7 * 86_400) }
+        LogConfig {
+            enabled: true,
+            path: "sheepdog.db".into(),
+            retention: Duration::from_secs(7 * 86_400),
+            url: None,
+            bodies: false
+        }
     );
     let c = parse(
         &format!("[log]\nenabled = false\npath = \"logs/${{HOST}}.db\"\nretention = \"0\"\n{GOOD}"),
@@ -159,7 +165,16 @@ fn request_log_settings() {
         &env,
     )
     .unwrap();
-    assert_eq!(c.log, LogConfig { enabled: false, path: "logs/127.0.0.1.db".into(), retention: Duration::ZERO });
+    assert_eq!(
+        c.log,
+        LogConfig {
+            enabled: false,
+            path: "logs/127.0.0.1.db".into(),
+            retention: Duration::ZERO,
+            url: None,
+            bodies: false
+        }
+    );
     let e = parse_err(&format!("[log]\npath = \"\"\n{GOOD}"));
     assert_eq!((e.line, e.key.as_str()), (Some(2), "log.path"), "{e}");
     let e = parse_err(&format!("[log]\nretention = \"a week\"\n{GOOD}"));

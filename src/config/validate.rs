@@ -19,7 +19,12 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    pub(super) fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_string(),
             line: span.map(|s| line_of(self.text, s.start)),
@@ -29,24 +34,31 @@ impl Validator<'_> {
     }
 
     /// `${VAR}` interpolation of one string value.
-    fn string(&self, s: &S, key: &str) -> Result<String, ConfigError> {
+    pub(super) fn string(&self, s: &S, key: &str) -> Result<String, ConfigError> {
         interpolate(s.get_ref(), self.env).map_err(|m| self.err(Some(s.span()), key, m))
     }
 
-    fn opt_string(&self, s: &Option<S>, key: &str, default: &str) -> Result<String, ConfigError> {
+    pub(super) fn opt_string(&self, s: &Option<S>, key: &str, default: &str) -> Result<String, ConfigError> {
         match s {
             Some(s) => self.string(s, key),
             None => Ok(default.to_string()),
         }
     }
 
-    fn duration(&self, s: &Option<S>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    pub(super) fn duration(&self, s: &Option<S>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
         let Some(s) = s else { return Ok(default) };
         let v = self.string(s, key)?;
         parse_duration(&v).map_err(|m| self.err(Some(s.span()), key, m))
     }
 
-    fn int(&self, v: &Option<Spanned<i64>>, key: &str, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+    pub(super) fn int(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         let n = *v.get_ref();
         if n < min || n > max {
@@ -79,7 +91,33 @@ impl Validator<'_> {
             )? as usize,
             max_connections: self.int(&raw.server.max_connections, "server.max_connections", 0, 0, 10_000_000)?
                 as usize,
+            allow_anonymous: raw.server.allow_anonymous.unwrap_or(false),
+            client_timeout: self.duration(
+                &raw.server.client_timeout,
+                "server.client_timeout",
+                Duration::from_secs(30),
+            )?,
+            max_concurrent_requests: self.int(
+                &raw.server.max_concurrent_requests,
+                "server.max_concurrent_requests",
+                10_000,
+                1,
+                10_000_000,
+            )? as usize,
+            max_stream_duration: self.duration(
+                &raw.server.max_stream_duration,
+                "server.max_stream_duration",
+                Duration::from_secs(30 * 60),
+            )?,
         };
+        if server.client_timeout.is_zero() {
+            let span = raw.server.client_timeout.as_ref().map(|s| s.span());
+            return Err(self.err(span, "server.client_timeout", "must be more than zero"));
+        }
+        if server.max_stream_duration.is_zero() {
+            let span = raw.server.max_stream_duration.as_ref().map(|s| s.span());
+            return Err(self.err(span, "server.max_stream_duration", "must be more than zero"));
+        }
         if let Some(s) = &raw.server.listen {
             if server.listen.parse::<std::net::SocketAddr>().is_err() {
                 return Err(self.err(Some(s.span()), "server.listen", "must be an address such as 127.0.0.1:8080"));
@@ -142,7 +180,21 @@ impl Validator<'_> {
             enabled: l.enabled.unwrap_or(true),
             path: PathBuf::from(self.opt_string(&l.path, "log.path", DEFAULT_LOG_PATH)?),
             retention: self.duration(&l.retention, "log.retention", Duration::from_secs(7 * 86_400))?,
+            url: l.url.as_ref().map(|u| self.string(u, "log.url")).transpose()?,
+            bodies: l.bodies.unwrap_or(false),
         };
+        if let (Some(u), Some(s)) = (&log.url, &l.url) {
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(self.err(Some(s.span()), "log.url", "must be a postgres:// URL"));
+            }
+            if l.path.is_some() {
+                return Err(self.err(
+                    Some(s.span()),
+                    "log.url",
+                    "set either log.path (SQLite) or log.url (PostgreSQL)",
+                ));
+            }
+        }
         if let Some(p) = &l.path {
             if log.path.as_os_str().is_empty() {
                 return Err(self.err(
@@ -221,7 +273,14 @@ impl Validator<'_> {
             return Err(self.err(None, "endpoints", "at least one [[endpoints]] entry is needed"));
         }
 
-        Ok(Config { server, health, breaker, retry, log, endpoints, models })
+        let aliases: HashSet<String> =
+            raw.routes.iter().filter_map(|r| r.model.as_ref().map(|m| m.get_ref().clone())).collect();
+        let routes = self.routes(&raw.routes, &models)?;
+        let clients = self.clients(&raw.clients, &models, &aliases)?;
+        let budgets = self.budgets(&raw.budgets, &models, &clients)?;
+        let state = self.state(&raw.state)?;
+
+        Ok(Config { server, health, breaker, retry, log, endpoints, models, budgets, routes, clients, state })
     }
 
     fn endpoint(&self, i: usize, e: &RawEndpoint) -> Result<EndpointConfig, ConfigError> {

@@ -251,7 +251,7 @@ mod tests {
     }
 
     fn cfg(dir: &Path) -> LogConfig {
-        LogConfig { enabled: true, path: dir.join("log.db"), retention: Duration::ZERO }
+        LogConfig { enabled: true, path: dir.join("log.db"), retention: Duration::ZERO, url: None, bodies: false }
     }
 
     #[test]
@@ -381,7 +381,13 @@ mod tests {
     #[test]
     fn an_unwritable_path_is_an_error_naming_it() {
         let m = Metrics::new();
-        let c = LogConfig { enabled: true, path: "/nonexistent-dir/x/log.db".into(), retention: Duration::ZERO };
+        let c = LogConfig {
+            enabled: true,
+            path: "/nonexistent-dir/x/log.db".into(),
+            retention: Duration::ZERO,
+            url: None,
+            bodies: false,
+        };
         let e = RequestLog::open(&c, &m).err().unwrap();
         assert!(e.to_string().contains("/nonexistent-dir/x/log.db"), "{e}");
     }
