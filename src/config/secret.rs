@@ -28,3 +28,34 @@ impl fmt::Display for Secret {
         f.write_str("***")
     }
 }
+
+/// SHA-256 of a client key, as `[[clients]] key_hash` stores it (the key itself is never kept).
+pub fn hash_client_key(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.trim().as_bytes()).into()
+}
+
+/// `sha256:` and 64 lower-case hex digits, the form of `key_hash` in the config.
+pub fn format_key_hash(hash: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in hash {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_key_hash_round_trips_through_the_config_form() {
+        // SHA-256("test"), a published test vector.
+        let h = hash_client_key("test");
+        let text = format_key_hash(&h);
+        assert_eq!(text, "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08");
+        assert_eq!(crate::config::parse_key_hash(&text), Some(h));
+        assert_eq!(hash_client_key(" test\n"), h, "surrounding white space is not part of a key");
+    }
+}
