@@ -1,0 +1,232 @@
+//! Client rate limits: requests per minute and tokens per minute, each a token bucket that holds a minute's
+//! allowance and refills continuously (so a client at its limit gets one more request every `60 / rpm` s,
+//! not a burst at the top of each minute).
+//!
+//! Tokens are reserved at admission — the prompt estimate plus `max_tokens` — and settled when the request
+//! finishes with the real usage ([`Bucket::settle`]): a stream's tokens count like any other. A bucket may go
+//! below zero when a request used more than it reserved; later requests then wait until it refills.
+//!
+//! Integer arithmetic in units of 1/60,000 of a token (a minute is 60,000 ms), so refilling `per_minute` units
+//! per millisecond is exact and decisions repeat bit for bit. Pure: the caller passes `now_ms` and holds the
+//! bucket behind its own lock.
+
+/// Scale of the bucket's internal units: one request or token is this many units.
+const SCALE: i128 = 60_000;
+
+/// A token bucket of `per_minute` units a minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    per_minute: u64,
+    /// Available allowance, scaled; at most `per_minute * SCALE`, may be negative.
+    level: i128,
+    last_ms: u64,
+}
+
+/// A refusal: what was short and when to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// Milliseconds until the request would fit.
+    pub retry_after_ms: u64,
+}
+
+impl Bucket {
+    /// A full bucket of `per_minute` (at least 1) at `now_ms`.
+    pub fn new(per_minute: u64, now_ms: u64) -> Bucket {
+        let per_minute = per_minute.max(1);
+        Bucket { per_minute, level: i128::from(per_minute) * SCALE, last_ms: now_ms }
+    }
+
+    fn capacity(&self) -> i128 {
+        i128::from(self.per_minute) * SCALE
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        if now_ms > self.last_ms {
+            let add = i128::from(now_ms - self.last_ms) * i128::from(self.per_minute);
+            self.level = (self.level + add).min(self.capacity());
+            self.last_ms = now_ms;
+        }
+    }
+
+    /// The configured allowance per minute.
+    pub fn limit(&self) -> u64 {
+        self.per_minute
+    }
+
+    /// Take `amount` if the bucket holds it (an amount above the whole allowance needs a full bucket, so one
+    /// big request is not refused forever); otherwise when it will.
+    pub fn take(&mut self, amount: u64, now_ms: u64) -> Result<(), Limited> {
+        self.refill(now_ms);
+        let need = (i128::from(amount) * SCALE).min(self.capacity());
+        if self.level >= need {
+            self.level -= i128::from(amount) * SCALE;
+            return Ok(());
+        }
+        let per_ms = i128::from(self.per_minute);
+        let wait = (need - self.level + per_ms - 1) / per_ms;
+        Err(Limited { retry_after_ms: u64::try_from(wait).unwrap_or(u64::MAX).max(1) })
+    }
+
+    /// Give back `reserved - used` (or take the excess when the request used more than it reserved).
+    pub fn settle(&mut self, reserved: u64, used: u64, now_ms: u64) {
+        self.refill(now_ms);
+        let delta = (i128::from(reserved) - i128::from(used)) * SCALE;
+        self.level = (self.level + delta).min(self.capacity());
+    }
+
+    /// Whole units available now (0 when below zero).
+    pub fn remaining(&mut self, now_ms: u64) -> u64 {
+        self.refill(now_ms);
+        u64::try_from(self.level.max(0) / SCALE).unwrap_or(0)
+    }
+
+    /// Milliseconds until the bucket is full again (OpenAI's `x-ratelimit-reset-*`).
+    pub fn reset_ms(&mut self, now_ms: u64) -> u64 {
+        self.refill(now_ms);
+        let missing = self.capacity() - self.level;
+        let per_ms = i128::from(self.per_minute);
+        u64::try_from((missing + per_ms - 1) / per_ms).unwrap_or(u64::MAX)
+    }
+}
+
+/// What a client's limits allow a request that reserves `tokens`: both buckets, or neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests per minute, if limited.
+    pub requests: Option<Bucket>,
+    /// Tokens per minute, if limited.
+    pub tokens: Option<Bucket>,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// `rpm`.
+    Requests,
+    /// `tpm`.
+    Tokens,
+}
+
+/// A snapshot for the `x-ratelimit-*` headers: (limit, remaining, reset ms) per limit that exists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Requests per minute: limit, remaining, ms until full.
+    pub requests: Option<(u64, u64, u64)>,
+    /// Tokens per minute: limit, remaining, ms until full.
+    pub tokens: Option<(u64, u64, u64)>,
+}
+
+impl Limits {
+    /// Limits of `rpm` requests and `tpm` tokens a minute, full at `now_ms`.
+    pub fn new(rpm: Option<u64>, tpm: Option<u64>, now_ms: u64) -> Limits {
+        Limits { requests: rpm.map(|n| Bucket::new(n, now_ms)), tokens: tpm.map(|n| Bucket::new(n, now_ms)) }
+    }
+
+    /// Admit one request reserving `tokens`, taking from both buckets, or from neither when either refuses.
+    pub fn admit(&mut self, tokens: u64, now_ms: u64) -> Result<(), (Which, Limited)> {
+        if let Some(r) = &mut self.requests {
+            r.take(1, now_ms).map_err(|l| (Which::Requests, l))?;
+        }
+        if let Some(t) = &mut self.tokens {
+            if let Err(l) = t.take(tokens, now_ms) {
+                if let Some(r) = &mut self.requests {
+                    r.settle(1, 0, now_ms);
+                }
+                return Err((Which::Tokens, l));
+            }
+        }
+        Ok(())
+    }
+
+    /// A request that reserved `reserved` tokens finished having used `used`.
+    pub fn settle(&mut self, reserved: u64, used: u64, now_ms: u64) {
+        if let Some(t) = &mut self.tokens {
+            t.settle(reserved, used, now_ms);
+        }
+    }
+
+    /// The header figures now.
+    pub fn snapshot(&mut self, now_ms: u64) -> Snapshot {
+        let f = |b: &mut Option<Bucket>| b.as_mut().map(|b| (b.limit(), b.remaining(now_ms), b.reset_ms(now_ms)));
+        Snapshot { requests: f(&mut self.requests), tokens: f(&mut self.tokens) }
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `6.5s`, `6m0s`, `1h2m3s`.
+pub fn format_reset(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let s = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let t = format!("{}.{:03}", rest / 1000, rest % 1000);
+        format!("{}s", t.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => s,
+        (0, m) => format!("{m}m{s}"),
+        (h, m) => format!("{h}h{m}m{s}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpm_refills_continuously() {
+        let mut b = Bucket::new(60, 0);
+        for _ in 0..60 {
+            assert!(b.take(1, 0).is_ok());
+        }
+        // Empty: one more each second.
+        assert_eq!(b.take(1, 0), Err(Limited { retry_after_ms: 1000 }));
+        assert_eq!(b.take(1, 400), Err(Limited { retry_after_ms: 600 }));
+        assert!(b.take(1, 1000).is_ok());
+        assert_eq!((b.remaining(1000), b.reset_ms(1000)), (0, 60_000));
+        assert_eq!(b.remaining(31_000), 30);
+        assert_eq!(b.remaining(10_000_000), 60, "never above a minute's allowance");
+    }
+
+    #[test]
+    fn tokens_reserved_then_settled_and_a_bucket_below_zero() {
+        let mut l = Limits::new(None, Some(1000), 0);
+        assert!(l.admit(600, 0).is_ok());
+        assert_eq!(l.admit(600, 0).map_err(|e| e.0), Err(Which::Tokens));
+        // The first used only 100: 500 come back.
+        l.settle(600, 100, 0);
+        assert!(l.admit(600, 0).is_ok());
+        // A stream that reserved 300 used 2,000: the bucket goes below zero and later requests wait.
+        let mut l = Limits::new(None, Some(1000), 0);
+        assert!(l.admit(300, 0).is_ok());
+        l.settle(300, 2000, 0);
+        assert_eq!(l.snapshot(0).tokens, Some((1000, 0, 120_000)));
+        let (w, lim) = l.admit(10, 0).unwrap_err();
+        assert_eq!((w, lim.retry_after_ms), (Which::Tokens, 60_600));
+    }
+
+    #[test]
+    fn a_refusal_takes_nothing_from_the_other_limit() {
+        let mut l = Limits::new(Some(10), Some(100), 0);
+        assert!(l.admit(100, 0).is_ok());
+        assert_eq!(l.admit(1, 0).map_err(|e| e.0), Err(Which::Tokens));
+        assert_eq!(l.snapshot(0).requests.map(|r| r.1), Some(9), "the refused request did not count");
+        // A request bigger than the whole allowance passes on a full bucket, then drains it.
+        let mut l = Limits::new(None, Some(100), 0);
+        assert!(l.admit(500, 0).is_ok());
+        assert!(l.admit(1, 0).is_err());
+    }
+
+    #[test]
+    fn reset_format_as_openai_writes_it() {
+        assert_eq!(format_reset(20), "20ms");
+        assert_eq!(format_reset(1000), "1s");
+        assert_eq!(format_reset(6500), "6.5s");
+        assert_eq!(format_reset(360_000), "6m0s");
+        assert_eq!(format_reset(3_723_000), "1h2m3s");
+        assert_eq!(format_reset(61_250), "1m1.25s");
+    }
+}
