@@ -61,9 +61,10 @@ impl Gateway {
         memory: HashMap<String, Arc<dyn MemoryUpstream>>,
     ) -> Result<Arc<Gateway>, OpenError> {
         let metrics = Metrics::new();
-        let log = RequestLog::open(&config.log, &metrics)?;
+        let log = RequestLog::open(&log_config(&config), &metrics)?;
         let changes = Changes::default();
         let runtime = Runtime::build(config, None, &Shared { metrics: &metrics, changes: &changes, memory: &memory });
+        resume_budgets(&runtime, &log);
         Ok(Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -125,11 +126,63 @@ impl Gateway {
                 self.metrics.remove_model(&m.metrics);
             }
         }
+        for b in &old.budgets {
+            if !rt.budgets.iter().any(|n| n.cfg.name == b.cfg.name) {
+                self.metrics.budgets.remove(b.name());
+            }
+        }
+        for c in old.clients.iter() {
+            if !rt.clients.iter().any(|n| n.name == c.name) {
+                for m in old.models.values().chain(rt.models.values()) {
+                    m.metrics.forget_client(&c.name);
+                }
+            }
+        }
         tracing::info!(endpoints = rt.endpoints.len(), models = rt.models.len(), "configuration loaded");
         self.runtime.store(Arc::new(rt));
         self.changes.notify();
         Reloaded { needs_restart }
     }
+}
+
+/// The longest a budget's period needs the request log's rows kept: a month and a day.
+const MONTHLY_RETENTION: std::time::Duration = std::time::Duration::from_secs(32 * 86_400);
+
+/// The request log's settings, its retention lengthened to cover a monthly budget's period (its spend is
+/// rebuilt from the rows at start).
+fn log_config(config: &Config) -> config::LogConfig {
+    let mut log = config.log.clone();
+    let monthly = config.budgets.iter().any(|b| b.period == config::Period::Month);
+    if monthly && !log.retention.is_zero() && log.retention < MONTHLY_RETENTION {
+        tracing::info!(days = 32, "request log retention lengthened to cover the monthly budgets' period");
+        log.retention = MONTHLY_RETENTION;
+    }
+    log
+}
+
+/// Rebuild the budgets' spend of the current period from the request log (a budget without a log starts
+/// empty, and says so when that loses money).
+fn resume_budgets(rt: &Runtime, log: &RequestLog) {
+    if rt.budgets.is_empty() {
+        return;
+    }
+    let Some(path) = log.path() else {
+        tracing::warn!("budgets start from zero: the request log is off, so spend does not survive a restart");
+        return;
+    };
+    let conn = match crate::log::open_read(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "budgets start from zero: the request log could not be read");
+            return;
+        }
+    };
+    crate::state::budgets::resume(&rt.budgets, crate::clock::unix_ms(), |since| {
+        crate::log::spend_since(&conn, since).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "budget spend could not be read from the request log");
+            Vec::new()
+        })
+    });
 }
 
 /// Why a reload was refused.

@@ -4,6 +4,7 @@
 //! hot path only increments atomics. Renders the text format for `GET /metrics`; makes no decisions.
 //! The OpenTelemetry GenAI families are in [`genai`], the fixed-reason rejection counters in [`rejections`].
 
+mod budgets;
 mod genai;
 mod rejections;
 
@@ -13,6 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+pub use budgets::{BudgetGauges, BudgetMetrics};
 pub use genai::{GenAi, Operation, PairGenAi};
 pub use rejections::{Reason, Rejections};
 
@@ -59,6 +61,10 @@ pub struct Metrics {
     pub genai: GenAi,
     /// `sheepdog_rejections_total{reason}`.
     pub rejections: Rejections,
+    /// `sheepdog_budget_*`.
+    pub budgets: BudgetMetrics,
+    /// `sheepdog_budget_webhook_failures_total`: budget webhook POSTs that failed or timed out.
+    pub webhook_failures: IntCounter,
     /// `sheepdog_requests_in_flight`: client requests on `/v1/*` not finished yet (open streams included).
     pub in_flight: IntGauge,
     /// `sheepdog_request_log_queue_depth`: finished requests queued for the request log's writer.
@@ -90,8 +96,8 @@ pub const ANONYMOUS: &str = "anonymous";
 pub struct ModelMetrics {
     model: String,
     client_requests: IntCounterVec,
-    /// Cached `sheepdog_client_requests_total{client="anonymous", model, status}` children by status.
-    by_status: Mutex<Vec<(&'static str, IntCounter)>>,
+    /// Cached `sheepdog_client_requests_total{client, model, status}` children by client and status.
+    by_status: Mutex<Vec<(Box<str>, &'static str, IntCounter)>>,
     /// `sheepdog_failovers_total`, `sheepdog_retries_total`, `sheepdog_hedges_total` of the model (none for
     /// unknown models: they are never forwarded).
     forwarding: Option<[IntCounter; 3]>,
@@ -244,6 +250,7 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let genai = GenAi::new(&registry);
         let rejections = Rejections::new(&registry);
+        let budgets = BudgetMetrics::new(&registry);
         let connections_open = must(IntGauge::new("sheepdog_connections_open", "Client connections open now."));
         must(registry.register(Box::new(connections_open.clone())));
         let connections_rejected = plain(
@@ -254,6 +261,8 @@ impl Metrics {
             "sheepdog_accept_errors_total",
             "Failed accepts of client connections (mostly: out of file descriptors).",
         );
+        let webhook_failures =
+            plain("sheepdog_budget_webhook_failures_total", "Budget webhook POSTs that failed or timed out.");
         let reloads = counter("sheepdog_config_reloads_total", "Configuration reloads by result.", &["result"]);
         for result in ["ok", "refused"] {
             // Both series from the start, so that rates and alerts over them have data before a first reload.
@@ -281,6 +290,8 @@ impl Metrics {
             unknown_model,
             genai,
             rejections,
+            budgets,
+            webhook_failures,
             in_flight,
             log_queue_depth,
             log_queue_capacity,
@@ -359,8 +370,8 @@ impl Metrics {
         for family in [&f.failovers, &f.retries, &f.hedges] {
             let _ = family.remove_label_values(&[m]);
         }
-        for (status, _) in model.by_status.lock().iter() {
-            let _ = self.client_requests.remove_label_values(&[ANONYMOUS, m, status]);
+        for (client, status, _) in model.by_status.lock().iter() {
+            let _ = self.client_requests.remove_label_values(&[client, m, status]);
         }
         self.genai.remove_model(m);
     }
@@ -432,16 +443,28 @@ impl ModelMetrics {
         }
     }
 
-    /// Count one client request that ended with `status` (its HTTP status label).
-    pub fn client_request(&self, status: &'static str) {
+    /// Count one request of `client` (a configured client's name, or [`ANONYMOUS`]) that ended with `status`
+    /// (its HTTP status label).
+    pub fn client_request(&self, client: &str, status: &'static str) {
         let mut cache = self.by_status.lock();
-        if let Some((_, c)) = cache.iter().find(|(s, _)| *s == status) {
+        if let Some((_, _, c)) = cache.iter().find(|(cl, s, _)| *s == status && &**cl == client) {
             c.inc();
             return;
         }
-        let c = self.client_requests.with_label_values(&[ANONYMOUS, &self.model, status]);
+        let c = self.client_requests.with_label_values(&[client, &self.model, status]);
         c.inc();
-        cache.push((status, c));
+        cache.push((client.into(), status, c));
+    }
+
+    /// Remove the series of a client that a reload removed.
+    pub fn forget_client(&self, client: &str) {
+        self.by_status.lock().retain(|(cl, status, _)| {
+            let gone = &**cl == client;
+            if gone {
+                let _ = self.client_requests.remove_label_values(&[client, &self.model, status]);
+            }
+            !gone
+        });
     }
 
     /// The model label.
@@ -506,8 +529,8 @@ mod tests {
         p.cost_probe.inc_by(0.5);
         let model = m.model("gpt-4.1");
         model.failover();
-        model.client_request("200");
-        m.unknown_model.client_request("404");
+        model.client_request(ANONYMOUS, "200");
+        m.unknown_model.client_request(ANONYMOUS, "404");
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains(r#"sheepdog_requests_total{endpoint="primary",model="gpt-4.1",status="200"} 2"#),

@@ -49,6 +49,9 @@ enum Command {
     Report(ReportArgs),
     /// The outage drill against simulated upstreams: exit 0 when success >= 99.9 % and nothing was lost.
     Drill(DrillArgs),
+    /// Client keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// GET a URL (default: this host's /health on port 8080); exit 0 on a 2xx answer, else 1. For containers.
     Healthcheck {
         /// The URL to ask.
@@ -122,10 +125,23 @@ enum ConfigCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Print a fresh client key (once: only its hash is kept) and the `[[clients]]` lines for the config.
+    New {
+        /// The client's name (request log, metrics, budgets).
+        #[arg(long)]
+        name: String,
+    },
+}
+
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: a file, a pipe or a log collector gets plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => fmt.try_init(),
         // Fields at the top level of each object, beside `timestamp`, `level`, `target` and `message`.
@@ -155,6 +171,7 @@ pub fn main() -> ExitCode {
         Command::Check(a) => rt.block_on(check(a)),
         Command::Config(ConfigCommand::Check { config }) => config_check(config.as_deref()),
         Command::Report(a) => report(&a),
+        Command::Key(KeyCommand::New { name }) => key_new(&name),
         Command::Drill(a) => rt.block_on(crate::drill::command(a.rate, &a.duration, a.json)),
         Command::Healthcheck { url, timeout } => match config::parse_duration(&timeout) {
             Ok(t) => rt.block_on(healthcheck::run(&url, t)),
@@ -259,6 +276,16 @@ async fn serve(a: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Secure by default: with no client keys, only this machine may use the gateway. The embedded demo holds
+    // no provider key and is exempt.
+    if demo.is_none() && config.clients.is_empty() && !config.server.allow_anonymous && !addr.ip().is_loopback() {
+        eprintln!(
+            "error: refusing to serve anonymous requests on {addr}, which is not a loopback address: add \
+             [[clients]] keys (`sheepdog key new --name NAME`), listen on 127.0.0.1, or set \
+             server.allow_anonymous = true"
+        );
+        return ExitCode::from(2);
+    }
     let gw = match Gateway::open(config, path.clone()) {
         Ok(gw) => gw,
         Err(e) => {
@@ -297,6 +324,30 @@ async fn serve(a: ServeArgs) -> ExitCode {
     let _ = tokio::task::spawn_blocking(move || closing.log.close()).await;
     drop(demo);
     ExitCode::SUCCESS
+}
+
+/// `sheepdog key new --name NAME`: the key alone on the first line, then the config lines.
+fn key_new(name: &str) -> ExitCode {
+    if name.trim().is_empty() || name.contains(['"', '\\', '\n']) {
+        eprintln!("error: --name must be a non-empty name without quotes, backslashes or line breaks");
+        return ExitCode::from(2);
+    }
+    let key = new_key();
+    println!("{key}");
+    println!();
+    println!("[[clients]]");
+    println!("name = \"{name}\"");
+    println!("key_hash = \"{}\"", config::format_key_hash(&config::hash_client_key(&key)));
+    ExitCode::SUCCESS
+}
+
+/// A fresh client key: `sk-` and 48 characters of base62 from the operating system's RNG (285 bits).
+fn new_key() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rngs::OsRng;
+    let body: String = (0..48).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    format!("sk-{body}")
 }
 
 async fn check(a: CheckArgs) -> ExitCode {

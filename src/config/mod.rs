@@ -21,7 +21,7 @@ mod validate;
 
 pub use base_url::BaseUrl;
 pub use policies::{parse_key_hash, BudgetConfig, ClientConfig, Period, RouteConfig, StateBackend, StateConfig};
-pub use secret::{format_key_hash, hash_client_key, Secret};
+pub use secret::{format_key_hash, hash_client_key, hashes_equal, secret_matches, Secret};
 
 /// A configuration mistake: the file, the line (when known), the key path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,6 +35,22 @@ pub fn hash_client_key(key: &str) -> [u8; 32] {
     sha2::Sha256::digest(key.trim().as_bytes()).into()
 }
 
+/// Whether two hashes are equal, in time that does not depend on where they differ.
+pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    // black_box: keep the compiler from turning the fold into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Whether a presented secret is `expected`, in time that tells neither where they differ nor how long
+/// `expected` is (both are hashed first).
+pub fn secret_matches(presented: &str, expected: &str) -> bool {
+    hashes_equal(&hash_client_key(presented), &hash_client_key(expected))
+}
+
 /// `sha256:` and 64 lower-case hex digits, the form of `key_hash` in the config.
 pub fn format_key_hash(hash: &[u8; 32]) -> String {
     let mut s = String::with_capacity(71);

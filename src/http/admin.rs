@@ -1,4 +1,5 @@
-//! `/admin/*`: reload and manual drain, behind the admin key (compared in constant time).
+//! `/admin/*`: reload and manual drain, behind the admin key (compared in constant time). Without an admin
+//! key the admin routes are off: they answer 404, as if they did not exist.
 
 use std::sync::Arc;
 
@@ -11,24 +12,22 @@ use crate::gateway::{Gateway, ReloadError};
 use crate::pipeline::{error_response, Body};
 use crate::protocol::ApiError;
 
-fn admin_allowed(gw: &Gateway, req: &Request<Incoming>) -> bool {
-    let rt = gw.runtime();
-    let Some(key) = &rt.config.server.admin_key else { return true };
+fn admin_allowed(key: &crate::config::Secret, req: &Request<Incoming>) -> bool {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| req.headers().get("x-admin-key").and_then(|v| v.to_str().ok()));
-    // Constant-time comparison: the admin key must not leak through timing.
-    given.is_some_and(|g| {
-        let (a, b) = (g.trim().as_bytes(), key.expose().as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    })
+    // Constant-time comparison of hashes: neither the key nor its length leaks through timing.
+    given.is_some_and(|g| crate::config::secret_matches(g, key.expose()))
 }
 
 pub(super) async fn admin(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
-    if !admin_allowed(gw, &req) {
+    let Some(key) = gw.runtime().config.server.admin_key.clone() else {
+        return not_found(req.uri().path());
+    };
+    if !admin_allowed(&key, &req) {
         return error_response(&ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",

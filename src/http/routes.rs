@@ -64,7 +64,7 @@ pub async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     }
     let get = method == Method::GET || method == Method::HEAD;
     match path {
-        "/v1/models" | "/models" if get => raw(StatusCode::OK, "application/json", gw.runtime().models_json.clone()),
+        "/v1/models" | "/models" if get => models(&gw, req.headers()),
         "/health" if get => raw(StatusCode::OK, "application/json", &b"{\"status\":\"ok\"}"[..]),
         "/ready" if get => ready(&gw),
         "/status" if get => json(StatusCode::OK, &status(&gw)),
@@ -81,6 +81,31 @@ pub async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             method_not_allowed(&method, path)
         }
         _ => not_found(path),
+    }
+}
+
+/// `GET /v1/models`: every public model and alias; with client keys configured, only to a client, and only
+/// the models it may use.
+fn models(gw: &Gateway, headers: &http::HeaderMap) -> Response<Body> {
+    let rt = gw.runtime();
+    match pipeline::admit::authenticate(&rt, headers) {
+        Ok(None) => raw(StatusCode::OK, "application/json", rt.models_json.clone()),
+        Ok(Some(client)) => {
+            let names: Vec<&str> = rt
+                .config
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .chain(rt.config.aliases())
+                .filter(|m| client.allows(m))
+                .collect();
+            raw(
+                StatusCode::OK,
+                "application/json",
+                crate::protocol::openai::model_list(&names, crate::protocol::openai::MODELS_CREATED),
+            )
+        }
+        Err(e) => error_response(&e),
     }
 }
 
@@ -107,6 +132,22 @@ async fn api_stats(gw: &Gateway, query: &str) -> Response<Body> {
             "The request log is off ([log] enabled = false): there are no statistics",
         ));
     };
+    let now = crate::clock::unix_ms();
+    let budgets = gw
+        .runtime()
+        .budgets
+        .iter()
+        .map(|b| {
+            let (spent, level) = b.state(now);
+            crate::report::api::BudgetState {
+                name: b.cfg.name.clone(),
+                period: b.cfg.period.name(),
+                spent_usd: spent.usd(),
+                limit_usd: b.cfg.limit_usd,
+                state: level.as_str(),
+            }
+        })
+        .collect();
     let read = tokio::task::spawn_blocking(move || {
         let now = crate::clock::unix_ms();
         let since_ms = now - since.as_millis() as i64;
@@ -114,7 +155,10 @@ async fn api_stats(gw: &Gateway, query: &str) -> Response<Body> {
         if let Some(m) = &model {
             rows.retain(|r| &r.model == m);
         }
-        Ok::<_, rusqlite::Error>(crate::report::api::stats(&crate::report::aggregate(&rows, since_ms, now + 1)))
+        Ok::<_, rusqlite::Error>(crate::report::api::stats(
+            &crate::report::aggregate(&rows, since_ms, now + 1),
+            budgets,
+        ))
     })
     .await;
     match read {

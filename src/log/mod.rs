@@ -22,7 +22,7 @@ use prometheus::{IntCounter, IntGauge};
 use rusqlite::Connection;
 
 pub use entry::{Entry, RequestId};
-pub use sqlite::{open_read, read_since};
+pub use sqlite::{open_read, read_since, spend_since, Spend};
 
 use crate::config::LogConfig;
 use crate::metrics::Metrics;

@@ -169,6 +169,36 @@ pub(super) fn first_id_from(conn: &Connection, since_ms: i64) -> rusqlite::Resul
     Ok(lo)
 }
 
+/// Spend by (served model, client) of the rows with `ts_ms >= since_ms`, nano-dollars (rows from before
+/// schema 2 carry only a float cost, rounded to the nano-dollar): what budgets rebuild their period from.
+pub fn spend_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Spend>> {
+    let first = first_id_from(conn, since_ms)?;
+    let mut st = conn.prepare(
+        "SELECT served_model, client, SUM(COALESCE(cost_nanos, CAST(ROUND(cost_usd * 1e9) AS INTEGER))) \
+         FROM requests WHERE id >= ?1 AND ts_ms >= ?2 AND (cost_nanos IS NOT NULL OR cost_usd IS NOT NULL) \
+         GROUP BY served_model, client",
+    )?;
+    let rows = st.query_map(params![first, since_ms], |r| {
+        Ok(Spend {
+            served_model: r.get(0)?,
+            client: r.get(1)?,
+            nanos: r.get::<_, Option<i64>>(2)?.unwrap_or(0).max(0) as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Money spent by one (served model, client) in a window of the request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spend {
+    /// The model that served.
+    pub served_model: Option<String>,
+    /// The client, if any.
+    pub client: Option<String>,
+    /// Nano-dollars.
+    pub nanos: u64,
+}
+
 /// Every row of `conn` with `ts_ms >= since_ms`, in the order they were written.
 pub fn read_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Entry>> {
     let first = first_id_from(conn, since_ms)?;

@@ -1,16 +1,25 @@
-//! The *admit* phase: receive the request and decide whether it may go on — the body within its limit and of
-//! the right content type, a valid OpenAI request. Client keys, rate limits and budgets plug in here.
+//! The *admit* phase: receive the request and decide whether it may go on — who asks (the client's key), the
+//! body within its limit and of the right content type, a valid OpenAI request, the client's model list, its
+//! rate limits and parallel requests. Budgets decide in *route* (they depend on the model that will serve).
+//!
+//! Does no I/O beyond reading the request body; decisions are the policy crate's, client state is
+//! `state::clients`'.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header;
-use http::{Request, StatusCode};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
+use sheepdog_policy::pricing::Tokens;
+use sheepdog_policy::ratelimit::{format_reset, Which};
 
 use crate::protocol::{openai, Api, ApiError, RequestInfo};
+use crate::state::{Client, ParallelGuard, Runtime};
 
-/// Read the body of `req` up to `limit` bytes: 413 above it, 415 for a content type that is not JSON.
-pub async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
+/// Read a request body up to `limit` bytes: 413 above it, 415 for a content type that is not JSON.
+pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ApiError>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -23,7 +32,7 @@ where
             format!("The request body is larger than the limit of {limit} bytes"),
         )
     };
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ok = ct.to_str().map(|s| s.trim().to_ascii_lowercase().starts_with("application/json")).unwrap_or(false);
         if !ok {
             return Err(ApiError::new(
@@ -34,8 +43,8 @@ where
             ));
         }
     }
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut body = std::pin::pin!(req.into_body());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = std::pin::pin!(body);
     if declared.is_some_and(|n| n > limit as u64) {
         drain(body.as_mut()).await;
         return Err(too_large());
@@ -86,3 +95,130 @@ pub fn inspect(api: Api, body: &[u8]) -> Result<RequestInfo, ApiError> {
         Api::Embeddings => openai::inspect_embeddings(body),
     }
 }
+
+/// Completion tokens reserved for a request that does not say how many it may use (`max_tokens`).
+pub const DEFAULT_COMPLETION_RESERVE: u64 = 1024;
+
+/// What admission reserves for a request before its usage is known: the prompt as a third of the body's
+/// bytes (JSON and message framing make that an overestimate for English text, about right for CJK), the
+/// completion as `max_tokens` (else [`DEFAULT_COMPLETION_RESERVE`]) times `n`; embeddings complete nothing.
+pub fn estimate(api: Api, info: &RequestInfo, body_len: usize) -> Tokens {
+    let prompt = (body_len as u64).div_ceil(3);
+    let completion = match api {
+        Api::Chat => info.max_tokens.unwrap_or(DEFAULT_COMPLETION_RESERVE).saturating_mul(u64::from(info.n.max(1))),
+        Api::Embeddings => 0,
+    };
+    Tokens::new(prompt, completion)
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok())).map(str::trim)
+}
+
+/// The client a request comes from; `None` when no clients are configured (anonymous requests). With
+/// clients, a missing or unknown key is 401 `invalid_api_key` (the key is never echoed).
+pub fn authenticate(rt: &Runtime, headers: &HeaderMap) -> Result<Option<Arc<Client>>, ApiError> {
+    if rt.clients.is_empty() {
+        return Ok(None);
+    }
+    let refused = |message: &str| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", message.to_string())
+    };
+    let key = presented_key(headers).filter(|k| !k.is_empty()).ok_or_else(|| {
+        refused("No API key provided: send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`).")
+    })?;
+    rt.clients.authenticate(key).map(Some).ok_or_else(|| refused("Incorrect API key provided."))
+}
+
+/// 403 `model_not_allowed` unless `client` may ask for `model` (a model or an alias, as requested).
+pub fn allow(client: &Client, model: &str) -> Result<(), ApiError> {
+    if client.allows(model) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "model_not_allowed",
+        format!("The client `{}` may not use the model `{model}`.", client.name),
+    ))
+}
+
+/// A client's admission: its place among its parallel requests and the tokens it reserved.
+pub struct Grant {
+    /// The client.
+    pub client: Arc<Client>,
+    /// Tokens reserved from its per-minute allowance (settled at *finish* with the real usage).
+    pub tokens: u64,
+    /// Counts the request in flight for `max_parallel` until it finishes.
+    _parallel: ParallelGuard,
+}
+
+/// Admit a request of `client` that reserves `tokens`, or refuse it with 429 `rate_limit_exceeded` (its
+/// `type` says which limit: `requests` or `tokens`, as OpenAI's) and `Retry-After`.
+pub fn limit(client: &Arc<Client>, tokens: u64, now_ms: u64) -> Result<Grant, ApiError> {
+    let name = &client.name;
+    let Some(parallel) = client.enter() else {
+        let max = client.cfg.max_parallel.unwrap_or_default();
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            "rate_limit_exceeded",
+            format!("The client `{name}` has {max} requests in flight, its max_parallel. Retry when one finishes."),
+        );
+        e.retry_after_s = Some(1);
+        return Err(e);
+    };
+    if let Err((which, l)) = client.live.limits.lock().admit(tokens, now_ms) {
+        let (kind, what, limit) = match which {
+            Which::Requests => ("requests", "requests", client.cfg.rpm.map_or(0, u64::from)),
+            Which::Tokens => ("tokens", "tokens", client.cfg.tpm.unwrap_or_default()),
+        };
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            kind,
+            "rate_limit_exceeded",
+            format!(
+                "Rate limit reached for client `{name}` on {what} per minute: limit {limit}, this request needs \
+                 {}. Please try again in {}.",
+                if which == Which::Requests { 1 } else { tokens },
+                format_reset(l.retry_after_ms)
+            ),
+        );
+        e.retry_after_s = Some(l.retry_after_ms.div_ceil(1000).max(1));
+        return Err(e);
+    }
+    Ok(Grant { client: client.clone(), tokens, _parallel: parallel })
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for `client` now (a limit it does not
+/// have is left out).
+pub fn ratelimit_headers(client: &Client, now_ms: u64, h: &mut HeaderMap) {
+    let snap = client.live.limits.lock().snapshot(now_ms);
+    let put = |h: &mut HeaderMap, names: &[HeaderName; 3], fig: Option<(u64, u64, u64)>| {
+        if let Some((limit, remaining, reset)) = fig {
+            h.insert(names[0].clone(), HeaderValue::from(limit));
+            h.insert(names[1].clone(), HeaderValue::from(remaining));
+            if let Ok(v) = HeaderValue::from_str(&format_reset(reset)) {
+                h.insert(names[2].clone(), v);
+            }
+        }
+    };
+    put(h, &REQUESTS_HEADERS, snap.requests);
+    put(h, &TOKENS_HEADERS, snap.tokens);
+}
+
+const REQUESTS_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKENS_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];

@@ -14,16 +14,19 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use sheepdog_policy::pricing::{self, Tokens};
+use sheepdog_policy::budget::Crossing;
+use sheepdog_policy::pricing::{self, Nanos, Tokens};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::clock::ms_since;
+use super::admit::Grant;
+use super::route::{Reason as RouteReason, Reservations};
+use crate::clock::{ms_since, unix_ms};
 use crate::gateway::Gateway;
 use crate::log::{Entry, RequestId};
 use crate::metrics::{status_label, ModelMetrics, Operation, Reason, ANONYMOUS};
 use crate::protocol::{Api, ApiError};
-use crate::state::{Endpoint, InFlight, Model, Outcome, Pair, Runtime, Source};
+use crate::state::{Budget, Client, Endpoint, InFlight, Model, Outcome, Pair, Runtime, Source};
 
 /// The route reason of an answer served by a fallback model.
 pub const FALLBACK: &str = "fallback";
@@ -92,6 +95,14 @@ pub struct Finish {
     stream: Option<OpenStream>,
     /// A hedged second attempt was started.
     hedged: bool,
+    /// The client that asks (none: anonymous).
+    client: Option<Arc<Client>>,
+    /// Its admission: tokens to settle, its place among its parallel requests.
+    grant: Option<Grant>,
+    /// Budget reservations to settle.
+    reservations: Reservations,
+    /// The model routing chose (the alias's target, a budget's downgrade), before fallbacks.
+    routed: Option<Arc<Model>>,
     done: bool,
 }
 
@@ -110,6 +121,10 @@ impl Finish {
             served: None,
             stream: None,
             hedged: false,
+            client: None,
+            grant: None,
+            reservations: Reservations::new(),
+            routed: None,
             done: false,
         }
     }
@@ -131,9 +146,45 @@ impl Finish {
         self.entry.stream = stream;
     }
 
-    /// The requested model is configured.
+    /// The requested model is configured (or the alias's rule chose it): its metrics count the request.
     pub fn model(&mut self, model: &Arc<Model>) {
         self.model = Some(model.clone());
+    }
+
+    /// The request comes from `client`.
+    pub fn from_client(&mut self, client: &Arc<Client>) {
+        self.entry.client = Some(client.name.clone());
+        self.client = Some(client.clone());
+    }
+
+    /// The client that asks, once known.
+    pub fn client(&self) -> Option<&Arc<Client>> {
+        self.client.as_ref()
+    }
+
+    /// The client's limits admitted the request.
+    pub fn granted(&mut self, grant: Grant) {
+        self.grant = Some(grant);
+    }
+
+    /// Budgets reserved money for the request.
+    pub fn reserved(&mut self, reservations: Reservations) {
+        self.reservations = reservations;
+    }
+
+    /// Routing chose `model`, for `reason` when that is not the model the request named.
+    pub fn routed(&mut self, model: &Arc<Model>, reason: RouteReason) {
+        self.routed = Some(model.clone());
+        self.entry.route_reason = reason;
+    }
+
+    /// The route reason of an answer by `served`: `fallback` when it is not the model routing chose (the last
+    /// change wins), else routing's own.
+    pub fn route_reason_after(&self, served: &Arc<Model>) -> RouteReason {
+        match &self.routed {
+            Some(r) if !Arc::ptr_eq(r, served) => Some(Cow::Borrowed(FALLBACK)),
+            _ => self.entry.route_reason.clone(),
+        }
     }
 
     /// One more upstream attempt to count.
@@ -157,9 +208,7 @@ impl Finish {
         self.entry.served_model = Some(served.model.cfg.name.clone());
         self.entry.attempts = served.attempts;
         self.entry.ttft_ms = Some(ms_since(self.arrived));
-        if self.entry.model != served.model.cfg.name {
-            self.entry.route_reason = Some(Cow::Borrowed(FALLBACK));
-        }
+        self.entry.route_reason = self.route_reason_after(&served.model);
         self.served = Some(served);
     }
 
@@ -203,6 +252,7 @@ impl Finish {
         }
         let status = if ending == Ending::ClientGone { 499 } else { status };
         let request_id = self.request_id();
+        let (mut spent, mut used_tokens) = (Nanos::ZERO, 0u64);
         let mut entry = std::mem::replace(&mut self.entry, Entry::empty(""));
         entry.status = status;
         entry.duration_ms = ms_since(self.arrived);
@@ -233,6 +283,8 @@ impl Finish {
             }
             if let Some(u) = s.usage {
                 let cost = pricing::cost(&s.model.pricing, &u, s.endpoint.price_multiplier);
+                spent = cost;
+                used_tokens = u.total();
                 let m = s.pair.metrics();
                 m.prompt_tokens.inc_by(u.prompt);
                 m.completion_tokens.inc_by(u.completion);
@@ -247,8 +299,13 @@ impl Finish {
                 entry.cost_nanos = Some(cost.0);
             }
         }
+        if let Some(g) = self.grant.take() {
+            g.client.live.limits.lock().settle(g.tokens, used_tokens, self.gw.now_ms());
+        }
+        self.settle_budgets(spent);
+        let client = self.client.as_ref().map_or(ANONYMOUS, |c| &*c.name);
         let model = self.model_metrics();
-        model.client_request(status_label(status));
+        model.client_request(client, status_label(status));
         model.forwarded(entry.attempts.saturating_sub(1 + u32::from(self.hedged)), self.hedged);
         let error = error_type(&entry);
         if self.served.is_none() {
@@ -268,7 +325,7 @@ impl Finish {
         tracing::info!(
             target: "sheepdog::access",
             request_id = %request_id,
-            client = ANONYMOUS,
+            client,
             api = entry.api,
             model = model.name(),
             served_model = served.map_or("", |(_, m, _)| m),
@@ -303,6 +360,54 @@ impl Finish {
         let usable = s.endpoint.keys.has_usable();
         s.pair.record(&s.rt.policy, outcome, open.admitted_ms, Source::Live, usable, self.gw.now_ms());
         drop(open.in_flight);
+    }
+
+    /// Settle the budgets: each reservation with the request's cost when its budget counts the model that
+    /// served (else nothing), and every other budget that counts it is charged the cost.
+    fn settle_budgets(&mut self, cost: Nanos) {
+        let now = unix_ms();
+        let client = self.client.as_ref().map(|c| &*c.name);
+        let served = self.served.as_ref().map(|s| (&*s.model.cfg.name, &s.rt));
+        let counts = |b: &Budget| served.is_some_and(|(m, _)| b.applies(m, client));
+        for r in &self.reservations {
+            let c = if counts(&r.budget) { cost } else { Nanos::ZERO };
+            let (crossed, total) = r.budget.settle(r.amount, c, now);
+            self.crossed(&r.budget, &crossed, total);
+        }
+        if cost == Nanos::ZERO {
+            return;
+        }
+        if let Some((_, rt)) = served {
+            for b in rt.budgets.iter().filter(|b| counts(b)) {
+                if !self.reservations.iter().any(|r| Arc::ptr_eq(&r.budget.ledger, &b.ledger)) {
+                    let (crossed, total) = b.settle(Nanos::ZERO, cost, now);
+                    self.crossed(b, &crossed, total);
+                }
+            }
+        }
+    }
+
+    /// Announce thresholds a budget's spend just crossed: a warning, a metric, the webhook (posted off the
+    /// request's path).
+    fn crossed(&self, b: &Budget, crossed: &[Crossing], spent: Nanos) {
+        for c in crossed {
+            tracing::warn!(
+                budget = b.name(),
+                threshold = c.as_str(),
+                spent_usd = spent.usd(),
+                "budget threshold crossed"
+            );
+            self.gw.metrics.budgets.crossing(b.name(), c.as_str());
+            if let Some(url) = &b.cfg.webhook {
+                let body = serde_json::json!({
+                    "budget": b.name(),
+                    "threshold": c.as_str(),
+                    "spent_usd": spent.usd(),
+                    "period": b.cfg.period.name(),
+                });
+                crate::upstream::webhook::post(url, body.to_string(), self.gw.metrics.webhook_failures.clone());
+            }
+        }
     }
 
     fn model_metrics(&self) -> &ModelMetrics {

@@ -39,7 +39,9 @@ pub use body::{error_response, Body};
 pub use finish::Finish;
 pub use relay::Relay;
 
-use crate::clock::unix_s;
+use std::borrow::Cow;
+
+use crate::clock::{unix_ms, unix_s};
 use crate::gateway::Gateway;
 use crate::protocol::{openai, Api, ApiError, RequestInfo};
 use crate::state::{Model, Runtime};
@@ -81,24 +83,27 @@ where
 {
     let mut fin = Finish::begin(gw, api);
     let id = HeaderValue::from_bytes(&fin.request_id().text()).ok();
-    let mut resp = match serve(gw, api, req, &mut fin).await {
-        Ok(Reply::Stream(mut parts, start)) => {
-            if let Some(id) = id {
-                parts.headers.insert(H_REQUEST_ID, id);
-            }
-            return Response::from_parts(parts, Body::Relay(Box::new(Relay::new(*start, fin))));
-        }
-        Ok(Reply::Whole(resp)) => resp,
-        Err(e) => {
-            fin.error(&e);
-            error_response(&e)
-        }
+    let mut reply = serve(gw, api, req, &mut fin).await.unwrap_or_else(|e| {
+        fin.error(&e);
+        Reply::Whole(error_response(&e))
+    });
+    let headers = match &mut reply {
+        Reply::Whole(r) => r.headers_mut(),
+        Reply::Stream(parts, _) => &mut parts.headers,
     };
     if let Some(id) = id {
-        resp.headers_mut().insert(H_REQUEST_ID, id);
+        headers.insert(H_REQUEST_ID, id);
     }
-    fin.end(resp.status().as_u16(), Ending::Complete);
-    resp
+    if let Some(client) = fin.client() {
+        admit::ratelimit_headers(client, gw.now_ms(), headers);
+    }
+    match reply {
+        Reply::Stream(parts, start) => Response::from_parts(parts, Body::Relay(Box::new(Relay::new(*start, fin)))),
+        Reply::Whole(resp) => {
+            fin.end(resp.status().as_u16(), Ending::Complete);
+            resp
+        }
+    }
 }
 
 /// A response before *relay*: whole, or the head of a stream and where it starts.
@@ -114,13 +119,30 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let rt = gw.runtime();
-    // admit
-    let body = admit::read_body(req, rt.config.server.max_body_bytes).await?;
+    let (head, body) = req.into_parts();
+    // admit: who asks (before the body is read), what, and whether the client's limits allow it
+    let client = admit::authenticate(&rt, &head.headers)?;
+    if let Some(c) = &client {
+        fin.from_client(c);
+    }
+    let body = admit::read_body(&head.headers, body, rt.config.server.max_body_bytes).await?;
     let info = admit::inspect(api, &body)?;
     fin.requested(&info.model, info.stream);
-    // route
-    let model = route::requested_model(&rt, api, &info)?;
+    if let Some(c) = &client {
+        admit::allow(c, &info.model)?;
+    }
+    // route: the alias's rule, then the client's limits, then budgets
+    let (model, rule) = route::resolve(&rt, api, &info, &body, &head.headers)?;
     fin.model(&model);
+    let tokens = admit::estimate(api, &info, body.len());
+    if let Some(c) = &client {
+        fin.granted(admit::limit(c, tokens.total(), gw.now_ms())?);
+    }
+    let client_name = client.as_ref().map(|c| &*c.name);
+    let route::Budgeted { model, reason, held } = route::budgets(&rt, model, client_name, &tokens, unix_ms())?;
+    fin.reserved(held);
+    let reason = reason.map(|b| Cow::Owned(b.to_string())).or(rule);
+    fin.routed(&model, reason);
     let chain = route::chain(&rt, &model);
     // forward
     let deadline = fin.arrived() + rt.config.retry.deadline;
@@ -133,12 +155,13 @@ where
         }
     };
     let m = &served_model.members[member];
+    let route_reason = fin.route_reason_after(&served_model);
     let headers = |h: &mut http::HeaderMap| {
         h.insert(H_ENDPOINT, m.endpoint.name_header.clone());
         h.insert(H_MODEL, served_model.name_header.clone());
         h.insert(H_ATTEMPTS, HeaderValue::from(attempts));
-        if !Arc::ptr_eq(&served_model, &model) {
-            h.insert(H_ROUTE_REASON, HeaderValue::from_static(finish::FALLBACK));
+        if let Some(v) = route_reason.as_deref().and_then(|r| HeaderValue::from_str(r).ok()) {
+            h.insert(H_ROUTE_REASON, v);
         }
     };
     let served = |usage| Served {

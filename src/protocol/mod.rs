@@ -6,6 +6,7 @@
 //! Nothing here does I/O.
 
 pub mod openai;
+pub mod tokens;
 
 use std::ops::Range;
 
@@ -32,7 +33,7 @@ impl Api {
 }
 
 /// What the gateway needs to know of a chat or embeddings request; the body itself is forwarded untouched.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestInfo {
     /// The requested public model.
     pub model: String,
@@ -42,6 +43,16 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `stream_options.include_usage: true`.
     pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`: the most the answer may use.
+    pub max_tokens: Option<u64>,
+    /// `n`: answers asked for (1 by default).
+    pub n: u32,
+    /// The request carries tools (or legacy functions).
+    pub has_tools: bool,
+    /// Byte range of the last user message's `content` value, for content-aware routing.
+    pub last_user: Option<Range<usize>>,
+    /// Byte range of the `metadata` object, for routing on it.
+    pub metadata: Option<Range<usize>>,
 }
 
 /// An error as the client sees it: an HTTP status and the OpenAI error body.

@@ -33,7 +33,7 @@ struct Figures {
     completion_tokens: u64,
     cost_usd: f64,
     cost_per_1k_tokens_usd: f64,
-    /// Share of requests whose tokens were estimated rather than reported by the upstream (none are yet).
+    /// Share of requests whose tokens the gateway counted itself (the upstream reported no usage).
     estimated_share: f64,
 }
 
@@ -56,7 +56,7 @@ impl From<&Stats> for Figures {
             completion_tokens: s.completion_tokens,
             cost_usd: s.cost_usd,
             cost_per_1k_tokens_usd: if tokens == 0 { 0.0 } else { s.cost_usd * 1000.0 / tokens as f64 },
-            estimated_share: 0.0,
+            estimated_share: if s.requests == 0 { 0.0 } else { s.estimated as f64 / s.requests as f64 },
         }
     }
 }
@@ -66,6 +66,28 @@ struct ModelFigures {
     model: String,
     #[serde(flatten)]
     figures: Figures,
+}
+
+#[derive(Debug, Serialize)]
+struct ClientFigures {
+    client: String,
+    #[serde(flatten)]
+    figures: Figures,
+}
+
+/// One budget's state now, as `/api/stats` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetState {
+    /// Its name.
+    pub name: String,
+    /// `day` or `month`.
+    pub period: &'static str,
+    /// Settled spend this period, USD.
+    pub spent_usd: f64,
+    /// Its limit, if it has one.
+    pub limit_usd: Option<f64>,
+    /// `ok`, `warn`, `downgrade` or `block`.
+    pub state: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,10 +106,10 @@ pub struct ApiStats {
     total: Figures,
     models: Vec<ModelFigures>,
     endpoints: Vec<EndpointFigures>,
-    /// Per client key (none until client keys exist).
-    clients: Vec<serde_json::Value>,
-    /// Per budget (none until budgets exist).
-    budgets: Vec<serde_json::Value>,
+    /// Per client key.
+    clients: Vec<ClientFigures>,
+    /// Per budget, now (not over the window).
+    budgets: Vec<BudgetState>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -95,8 +117,8 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + d).to_string()
 }
 
-/// The document for a report.
-pub fn stats(r: &Report) -> ApiStats {
+/// The document for a report, with the budgets' state now.
+pub fn stats(r: &Report, budgets: Vec<BudgetState>) -> ApiStats {
     ApiStats {
         since: rfc3339(r.since_ms),
         until: rfc3339(r.until_ms),
@@ -111,7 +133,11 @@ pub fn stats(r: &Report) -> ApiStats {
                 figures: (&e.stats).into(),
             })
             .collect(),
-        clients: Vec::new(),
-        budgets: Vec::new(),
+        clients: r
+            .clients
+            .iter()
+            .map(|c| ClientFigures { client: c.client.clone(), figures: (&c.stats).into() })
+            .collect(),
+        budgets,
     }
 }

@@ -53,6 +53,8 @@ pub struct Stats {
     pub completion_tokens: u64,
     /// Cost from the pricing table, USD.
     pub cost_usd: f64,
+    /// Requests whose tokens the gateway counted itself (the upstream did not report usage).
+    pub estimated: u64,
 }
 
 /// Stats of one requested model.
@@ -60,6 +62,16 @@ pub struct Stats {
 pub struct ModelRow {
     /// The model clients asked for.
     pub model: String,
+    /// Its numbers.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// Stats of one client (requests without a client key are not in a client row).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientRow {
+    /// The client's configured name.
+    pub client: String,
     /// Its numbers.
     #[serde(flatten)]
     pub stats: Stats,
@@ -102,6 +114,8 @@ pub struct Report {
     pub models: Vec<ModelRow>,
     /// Per endpoint and served model, most requests first.
     pub endpoints: Vec<EndpointRow>,
+    /// Per client, most requests first.
+    pub clients: Vec<ClientRow>,
     /// Oldest bucket first; every bucket of the window, empty ones included.
     pub timeline: Vec<Bucket>,
 }
@@ -158,6 +172,7 @@ impl Acc {
         }
         s.prompt_tokens += e.prompt_tokens.unwrap_or(0);
         s.completion_tokens += e.completion_tokens.unwrap_or(0);
+        s.estimated += u64::from(e.estimated);
         let cost = e.cost_nanos.map(Nanos).or(e.cost_usd.map(Nanos::from_usd)).unwrap_or_default();
         self.cost = self.cost.saturating_add(cost);
     }
@@ -198,10 +213,14 @@ pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
     let mut total = Acc::default();
     let mut models: BTreeMap<&str, Acc> = BTreeMap::new();
     let mut endpoints: BTreeMap<(&str, &str), Acc> = BTreeMap::new();
+    let mut clients: BTreeMap<&str, Acc> = BTreeMap::new();
     let mut buckets: Vec<Acc> = (0..n_buckets).map(|_| Acc::default()).collect();
     for e in entries.iter().filter(|e| e.ts_ms >= since_ms && e.ts_ms < until_ms) {
         total.add(e);
         models.entry(&e.model).or_default().add(e);
+        if let Some(c) = &e.client {
+            clients.entry(c).or_default().add(e);
+        }
         if let Some(ep) = &e.endpoint {
             let served = e.served_model.as_deref().unwrap_or(&e.model);
             endpoints.entry((ep, served)).or_default().add(e);
@@ -219,12 +238,15 @@ pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
         .map(|((e, m), a)| EndpointRow { endpoint: e.to_owned(), model: m.to_owned(), stats: a.finish() })
         .collect();
     endpoints.sort_by_key(|e| std::cmp::Reverse(e.stats.requests));
+    let mut clients: Vec<ClientRow> =
+        clients.into_iter().map(|(c, a)| ClientRow { client: c.to_owned(), stats: a.finish() }).collect();
+    clients.sort_by_key(|c| std::cmp::Reverse(c.stats.requests));
     let timeline = buckets
         .into_iter()
         .enumerate()
         .map(|(i, a)| Bucket { start_ms: first + i as i64 * width, stats: a.finish() })
         .collect();
-    Report { since_ms, until_ms, bucket_ms: width, total: total.finish(), models, endpoints, timeline }
+    Report { since_ms, until_ms, bucket_ms: width, total: total.finish(), models, endpoints, clients, timeline }
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -5,7 +5,10 @@
 //! [`Changes`] signal that wakes requests waiting for a candidate to recover. Decisions are the policy crate's;
 //! this module only holds state and applies outcomes. Does no network I/O.
 
+pub mod budgets;
+pub mod clients;
 mod pair;
+pub mod routes;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +21,10 @@ use sheepdog_policy::history::StatusPolicy;
 use sheepdog_policy::pricing::{Multiplier, Pricing, Rate};
 use tokio::sync::Notify;
 
+pub use budgets::Budget;
+pub use clients::{Client, Clients, ParallelGuard};
 pub use pair::{InFlight, Outcome, Pair, PairPolicy, PairSpec, PairView, Source};
+pub use routes::Alias;
 
 use crate::config::{Config, EndpointConfig, ModelConfig, ModelKind};
 use crate::metrics::{Metrics, ModelMetrics};
@@ -163,6 +169,12 @@ pub struct Runtime {
     pub models_json: Bytes,
     /// Breaker and status parameters.
     pub policy: PairPolicy,
+    /// Client keys and their live limits (none: anonymous requests).
+    pub clients: Clients,
+    /// Budgets, in file order, with their live ledgers.
+    pub budgets: Vec<Arc<Budget>>,
+    /// Route aliases by name.
+    pub aliases: HashMap<String, Alias>,
 }
 
 impl Runtime {
@@ -245,8 +257,9 @@ impl Runtime {
             };
             models.insert(m.name.clone(), Arc::new(model));
         }
-        let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
-        let models_json = crate::protocol::openai::model_list(&names, 1_735_689_600);
+        let mut names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
+        names.extend(config.aliases());
+        let models_json = crate::protocol::openai::model_list(&names, crate::protocol::openai::MODELS_CREATED);
         let policy = PairPolicy {
             breaker: BreakerConfig {
                 failure_threshold: config.breaker.failure_threshold,
@@ -261,7 +274,15 @@ impl Runtime {
                 window: 20,
             },
         };
-        Runtime { config: Arc::new(config), endpoints, models, models_json, policy }
+        let clients = Clients::build(&config.clients, old.map(|o| &o.clients));
+        let budgets = budgets::build(
+            &config.budgets,
+            old.map_or(&[][..], |o| &o.budgets[..]),
+            crate::clock::unix_ms(),
+            &shared.metrics.budgets,
+        );
+        let aliases = routes::build(&config.routes);
+        Runtime { config: Arc::new(config), endpoints, models, models_json, policy, clients, budgets, aliases }
     }
 
     /// Every pair with its endpoint.

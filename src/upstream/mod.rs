@@ -5,6 +5,7 @@
 
 mod keys;
 mod transport;
+pub mod webhook;
 
 pub use keys::KeyPool;
 pub use transport::{

@@ -232,10 +232,12 @@ impl Ledger {
             return Decision::Admit;
         }
         let committed = self.spent.saturating_add(self.reserved);
-        if can_downgrade && t.downgrade.is_some_and(|d| committed >= d) {
+        let over_limit = t.limit.is_some_and(|l| committed.saturating_add(estimate) > l);
+        // A request that would pass the limit on its model is better served by the cheaper one than refused.
+        if can_downgrade && (over_limit || t.downgrade.is_some_and(|d| committed >= d)) {
             return Decision::Downgrade;
         }
-        if t.limit.is_some_and(|l| committed.saturating_add(estimate) > l) {
+        if over_limit {
             let retry_after_s = ((self.end_ms - unix_ms).max(0) as u64).div_ceil(1000).max(1);
             return Decision::Block { retry_after_s };
         }
@@ -342,6 +344,11 @@ mod tests {
         assert_eq!(l.reserved(), usd(0.1));
         let mut l = Ledger::resumed(Period::Day, T0, usd(499.95), &t);
         assert!(matches!(l.admit(&t, usd(0.1), false, T0), Decision::Block { .. }));
+        // Below the downgrade threshold, a request that would pass the limit goes to the cheaper model.
+        let t2 = Thresholds { warn: None, downgrade: Some(usd(480.0)), limit: Some(usd(479.0)) };
+        let mut l = Ledger::resumed(Period::Day, T0, usd(478.5), &t2);
+        assert_eq!(l.admit(&t2, usd(1.0), true, T0), Decision::Downgrade);
+        assert!(matches!(l.admit(&t2, usd(1.0), false, T0), Decision::Block { .. }));
     }
 
     #[test]

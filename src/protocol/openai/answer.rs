@@ -78,6 +78,9 @@ pub fn answer_usage(body: &[u8]) -> Result<Option<Tokens>, BadAnswer> {
     })
 }
 
+/// `created` of every model in `/v1/models` (a fixed date: the list describes configuration, not history).
+pub const MODELS_CREATED: u64 = 1_735_689_600;
+
 /// The `/v1/models` list for these public model names.
 pub fn model_list(names: &[&str], created: u64) -> Bytes {
     #[derive(Serialize)]

@@ -5,13 +5,15 @@
 //! Requests are inspected without re-serialising them (unknown fields pass through byte for byte). Does no I/O.
 
 pub mod answer;
+pub mod content;
 pub mod error;
 pub mod probe;
 pub mod request;
 pub mod sse;
 mod usage;
 
-pub use answer::{answer_usage, check_answer, model_list, static_answer, static_stream, BadAnswer};
+pub use answer::{answer_usage, check_answer, model_list, static_answer, static_stream, BadAnswer, MODELS_CREATED};
+pub use content::{last_user_text, metadata};
 pub use error::{error_body, refusal_body, sse_error_event, ErrorClass, UpstreamError};
 pub use request::{inspect_chat, inspect_embeddings, rewrite_model};
 pub use sse::{FirstEvent, Scanned, SseScanner};

@@ -23,12 +23,32 @@ struct ChatView<'a> {
     temperature: Option<f64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct MessageView<'a> {
     #[serde(borrow)]
     role: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+}
+
+/// The byte range of `raw`, which borrows from `body`, inside `body`.
+fn span_in(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// Whether a raw JSON value is present and not `null` or an empty array.
+fn non_empty(v: Option<&RawValue>) -> bool {
+    v.is_some_and(|v| !matches!(v.get().trim(), "null" | "[]"))
 }
 
 #[derive(Deserialize)]
@@ -77,8 +97,7 @@ fn model_of(body: &[u8], raw: Option<&RawValue>) -> Result<(String, Range<usize>
         return Err(ApiError::invalid("invalid_model", "`model` must not be empty"));
     }
     // `raw` borrows from `body`, so its position inside it is a pointer difference.
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    Ok((model.into_owned(), start..start + raw.get().len()))
+    Ok((model.into_owned(), span_in(body, raw)))
 }
 
 /// Validate a chat completions request and return what routing needs.
@@ -117,12 +136,33 @@ pub fn inspect_chat(body: &[u8]) -> Result<RequestInfo, ApiError> {
             ));
         }
     }
+    let n = match v.n {
+        None => 1,
+        Some(n) if (1..=128).contains(&n) => n as u32,
+        Some(n) => return Err(ApiError::invalid("invalid_n", format!("`n` must be between 1 and 128, got {n}"))),
+    };
+    if let Some(m) = v.metadata {
+        if !matches!(m.get().trim_start().as_bytes().first(), Some(b'{') | Some(b'n')) {
+            return Err(ApiError::invalid("invalid_metadata", "`metadata` must be an object"));
+        }
+    }
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.role.as_deref() == Some("user"))
+        .and_then(|m| m.content)
+        .map(|c| span_in(body, c));
     let (model, model_span) = model_of(body, v.model)?;
     Ok(RequestInfo {
         model,
         model_span,
         stream: v.stream.unwrap_or(false),
         include_usage: v.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        max_tokens: v.max_completion_tokens.or(v.max_tokens).map(|n| n as u64),
+        n,
+        has_tools: non_empty(v.tools) || non_empty(v.functions),
+        last_user,
+        metadata: v.metadata.filter(|m| m.get().trim() != "null").map(|m| span_in(body, m)),
     })
 }
 
@@ -137,7 +177,7 @@ pub fn inspect_embeddings(body: &[u8]) -> Result<RequestInfo, ApiError> {
         Some(_) => {}
     }
     let (model, model_span) = model_of(body, v.model)?;
-    Ok(RequestInfo { model, model_span, stream: false, include_usage: false })
+    Ok(RequestInfo { model, model_span, n: 1, ..RequestInfo::default() })
 }
 
 /// The body with the `model` value replaced by `upstream` (the same bytes when the name is unchanged).
