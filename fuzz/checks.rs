@@ -10,13 +10,14 @@ use bytes::Bytes;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use sheepdog::protocol::openai::{
-    answer_usage, check_answer, inspect_chat, inspect_embeddings, rewrite_model, SseScanner,
+    answer_usage, check_answer, inspect_chat, inspect_embeddings, upstream_body, usage_forced, SseScanner,
 };
 use sheepdog::protocol::{Api, ApiError, RequestInfo};
 
-/// `inspect_chat`, `inspect_embeddings` and `rewrite_model`: a refusal is a 400 in the OpenAI error shape; an
+/// `inspect_chat`, `inspect_embeddings` and `upstream_body`: a refusal is a 400 in the OpenAI error shape; an
 /// accepted body is a JSON object whose `model_span` is the model's JSON string; a rewrite changes nothing but
-/// that string, and the rewritten body is accepted again with the new name and the same flags.
+/// that string (and, for a stream whose client did not ask for usage, sets `stream_options.include_usage`), and
+/// the rewritten body is accepted again with the new name and the same flags.
 pub fn request(data: &[u8]) {
     let body = Bytes::copy_from_slice(data);
     type Inspect = fn(&[u8]) -> Result<RequestInfo, ApiError>;
@@ -40,14 +41,23 @@ pub fn request(data: &[u8]) {
         assert!(original.is_object());
         let tail = body.len() - span.end;
         for new in ["gpt-4.1", "openai/gpt-4.1", "a\"b\\c\u{1F600}\n\u{7f}", info.model.as_str()] {
-            let out = rewrite_model(&body, &info, new);
-            assert_eq!(&out[..span.start], &body[..span.start], "bytes before the model");
-            assert_eq!(&out[out.len() - tail..], &body[span.end..], "bytes after the model");
+            let out = upstream_body(&body, &info, new);
+            let forced = usage_forced(&info);
+            if !forced {
+                assert_eq!(&out[..span.start], &body[..span.start], "bytes before the model");
+                assert_eq!(&out[out.len() - tail..], &body[span.end..], "bytes after the model");
+            }
             let again = inspect(&out).unwrap_or_else(|e| panic!("a rewritten request is refused: {e}"));
             assert_eq!(again.model, new);
-            assert_eq!((again.stream, again.include_usage), (info.stream, info.include_usage));
+            assert_eq!((again.stream, again.include_usage), (info.stream, info.include_usage || forced));
             let mut rewritten: Value = serde_json::from_slice(&out).expect("a rewritten body is JSON");
             let mut expected = original.clone();
+            if forced {
+                if !expected["stream_options"].is_object() {
+                    expected["stream_options"] = Value::Object(Default::default());
+                }
+                expected["stream_options"]["include_usage"] = Value::Bool(true);
+            }
             expected["model"] = Value::from(new);
             rewritten["model"] = Value::from(new);
             assert_eq!(rewritten, expected, "a rewrite changes only the model");

@@ -113,3 +113,78 @@ async fn costs_follow_the_pricing_table_the_cache_and_the_relay_multiplier() {
     assert_eq!(relay_only["total"]["requests"], 2);
     assert_eq!(get(&gw.url("/api/stats?since=soon")).await.status, 400);
 }
+
+/// A stream as OpenAI sends it: with `include_usage`, `"usage":null` on every chunk and a usage chunk last.
+fn openai_like(seen: &Seen) -> Canned {
+    let asked = seen.body.contains("\"include_usage\":true");
+    let null = if asked { r#","usage":null"# } else { "" };
+    let mut body = String::new();
+    for c in ["Hello", ", world!"] {
+        body += &format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}}}}]{null}}}\n\n"
+        );
+    }
+    if asked {
+        body += "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":4}}\n\n";
+    }
+    body += "data: [DONE]\n\n";
+    Canned::new(200, "text/event-stream", body)
+}
+
+/// A stream that never reports usage, as llama.cpp's server does.
+fn no_usage(_: &Seen) -> Canned {
+    Canned::new(
+        200,
+        "text/event-stream",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n\
+         data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\", world!\"}}]}\n\ndata: [DONE]\n\n",
+    )
+}
+
+#[tokio::test]
+async fn every_stream_is_costed_and_the_client_sees_what_it_asked_for() {
+    let honest = TestUpstream::start(openai_like);
+    let llama = TestUpstream::start(no_usage);
+    let cfg = quiet_config(
+        &[("honest", honest.addr, "models = [\"gpt-4.1\"]"), ("llama", llama.addr, "models = [\"local\"]")],
+        &(model("gpt-4.1", "") + &model("local", "")),
+        "",
+    )
+    .replace("[health]\n", "[health]\nprobe = \"models\"\n");
+    let gw = gateway(&cfg, &[]);
+    let url = gw.url("/v1/chat/completions");
+    let ask = |model: &str, usage: bool| {
+        let mut b = serde_json::json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Hello, world!"}]});
+        if usage {
+            b["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        b.to_string()
+    };
+    // The client did not ask for usage: the upstream was asked, the client sees none of it.
+    let s = common::stream(&url, &ask("gpt-4.1", false)).await;
+    assert_eq!((s.status, s.content().as_str()), (200, "Hello, world!"));
+    assert!(!s.text().contains("usage"), "{}", s.text());
+    assert!(s.text().ends_with("data: [DONE]\n\n"));
+    assert_eq!(honest.count("\"include_usage\":true"), 1);
+    // A client that asked gets it as the upstream sent it.
+    let s = common::stream(&url, &ask("gpt-4.1", true)).await;
+    assert!(s.text().contains("\"usage\":{\"prompt_tokens\":11"), "{}", s.text());
+    // No usage at all: counted by the gateway, marked as estimated.
+    let s = common::stream(&url, &ask("local", false)).await;
+    assert_eq!((s.status, s.content().as_str()), (200, "Hello, world!"));
+    let db = gw.dir.path().join("sheepdog.db");
+    eventually(Duration::from_secs(10), "three rows", || async {
+        open_read(&db).and_then(|c| read_since(&c, 0)).map(|r| r.len() >= 3).unwrap_or(false)
+    })
+    .await;
+    let rows = read_since(&open_read(&db).unwrap(), 0).unwrap();
+    let got: Vec<(Option<u64>, Option<u64>, bool)> =
+        rows.iter().map(|r| (r.prompt_tokens, r.completion_tokens, r.estimated)).collect();
+    // o200k_base: "Hello, world!" is 4 tokens; the prompt adds 3 per message and 3 for the reply.
+    assert_eq!(got, vec![(Some(11), Some(4), false), (Some(11), Some(4), false), (Some(10), Some(4), true)]);
+    // $2 in, $8 out per million: the estimated row is priced like the others.
+    let want = (10.0 * 2.0 + 4.0 * 8.0) / 1e6;
+    assert!((rows[2].cost_usd.unwrap() - want).abs() < 1e-12, "{:?}", rows[2].cost_usd);
+    let stats = get(&gw.url("/api/stats?since=1h")).await.json();
+    assert!((stats["total"]["estimated_share"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9, "{stats}");
+}

@@ -223,7 +223,7 @@ pub(super) async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admit
     let guard = AttemptGuard { ctx, pair, ep, admitted_ms, done: AtomicBool::new(false) };
     // Counted until the answer is read (a stream: until it ends), however the attempt ends.
     let in_flight = pair.start_request(ctx.gw.now_ms());
-    let body = openai::rewrite_model(ctx.body, ctx.info, &member.upstream_model);
+    let body = openai::upstream_body(ctx.body, ctx.info, &member.upstream_model);
     let mut run = Run { ctx, model, member, guard, notes: Notes::new(), started: Instant::now(), key: None };
     let started = run.started;
     let first_byte_by = (started + ep.cfg.first_byte_timeout).min(ctx.deadline);
@@ -320,7 +320,7 @@ pub(super) async fn attempt(ctx: &Ctx<'_>, model: &Model, member: &Member, admit
         }
         // Hold the answer until its first event is known to be a chunk, so a stream that is not one, or dies
         // before it, fails over transparently.
-        let mut scanner = SseScanner::new();
+        let mut scanner = if openai::usage_forced(ctx.info) { SseScanner::hiding_usage() } else { SseScanner::new() };
         let mut first = BytesMut::new();
         let verdict = loop {
             if let Some(v) = scanner.first_event() {

@@ -103,6 +103,8 @@ pub struct Finish {
     reservations: Reservations,
     /// The model routing chose (the alias's target, a budget's downgrade), before fallbacks.
     routed: Option<Arc<Model>>,
+    /// The request body of a stream, to count its prompt should the upstream report no usage.
+    stream_body: Option<bytes::Bytes>,
     done: bool,
 }
 
@@ -125,6 +127,7 @@ impl Finish {
             grant: None,
             reservations: Reservations::new(),
             routed: None,
+            stream_body: None,
             done: false,
         }
     }
@@ -222,6 +225,33 @@ impl Finish {
         if let Some(s) = &mut self.served {
             s.usage = Some(usage);
         }
+    }
+
+    /// The answer is a stream of this request body (kept for [`Finish::estimated_usage`]).
+    pub fn stream_body(&mut self, body: bytes::Bytes) {
+        self.stream_body = Some(body);
+    }
+
+    /// Whether the endpoint serving the stream has not yet shown that it reports usage: then the relay keeps
+    /// the stream's text to count its tokens.
+    pub fn may_need_estimate(&self) -> bool {
+        self.served.as_ref().is_some_and(|s| !s.endpoint.stream_usage.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The stream reported its usage: its endpoint does.
+    pub fn stream_usage(&mut self, usage: Tokens) {
+        if let Some(s) = &self.served {
+            s.endpoint.stream_usage.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.usage(usage);
+    }
+
+    /// The upstream reported no usage: the gateway's own count of `completion` tokens and of the prompt, marked
+    /// as estimated in the request log.
+    pub fn estimated_usage(&mut self, completion: u64) {
+        let prompt = self.stream_body.as_deref().map_or(0, crate::protocol::openai::content::estimate_prompt);
+        self.entry.estimated = true;
+        self.usage(Tokens::new(prompt, completion));
     }
 
     /// The gateway answered with a static fallback for `model` instead of an upstream.

@@ -183,6 +183,7 @@ where
             headers(&mut parts.headers);
             fin.served(served(None));
             fin.stream(open);
+            fin.stream_body(body.clone());
             Ok(Reply::Stream(parts, start))
         }
     }

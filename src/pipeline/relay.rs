@@ -32,8 +32,39 @@ pub struct Relay {
     /// When the last chunk arrived: the idle deadline is `last_data + idle` (capped by `end_by`).
     last_data: Instant,
     timer: Pin<Box<Sleep>>,
+    /// What the client got, kept (up to [`KEEP_BYTES`]) to count the completion's tokens when the upstream
+    /// does not report usage; `None` once its endpoint has shown that it does.
+    kept: Option<Kept>,
     finish: Finish,
     finished: bool,
+}
+
+/// The most of a stream kept for counting its tokens; past it the count is scaled by the bytes relayed.
+const KEEP_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+struct Kept {
+    frames: Vec<Bytes>,
+    kept: usize,
+    seen: usize,
+}
+
+impl Kept {
+    fn push(&mut self, b: &Bytes) {
+        self.seen += b.len();
+        if self.kept + b.len() <= KEEP_BYTES {
+            self.kept += b.len();
+            self.frames.push(b.clone());
+        }
+    }
+
+    fn completion_tokens(&self) -> u64 {
+        let n = openai::content::estimate_stream_completion(&self.frames);
+        if self.kept == 0 || self.seen == self.kept {
+            return n;
+        }
+        (n as f64 * self.seen as f64 / self.kept as f64).round() as u64
+    }
 }
 
 impl Relay {
@@ -41,7 +72,12 @@ impl Relay {
     pub(super) fn new(start: StreamStart, finish: Finish) -> Relay {
         let StreamStart { first, upstream, scanner, idle, end_by } = start;
         let now = Instant::now();
+        let mut kept = finish.may_need_estimate().then(Kept::default);
+        if let Some(k) = &mut kept {
+            k.push(&first);
+        }
         Relay {
+            kept,
             first: Some(first),
             upstream,
             scanner,
@@ -56,8 +92,10 @@ impl Relay {
 
     fn end(&mut self, ending: Ending) {
         self.finished = true;
-        if let Some(u) = self.scanner.usage() {
-            self.finish.usage(u);
+        match (self.scanner.usage(), &self.kept) {
+            (Some(u), _) => self.finish.stream_usage(u),
+            (None, Some(k)) => self.finish.estimated_usage(k.completion_tokens()),
+            (None, None) => {}
         }
         self.finish.end(200, ending);
     }
@@ -85,6 +123,9 @@ impl Relay {
                     // The idle timer is pushed back lazily, when it fires (see below): not once per chunk.
                     self.last_data = Instant::now();
                     let scanned = self.scanner.feed(data);
+                    if let Some(k) = self.kept.as_mut().filter(|_| !scanned.out.is_empty()) {
+                        k.push(&scanned.out);
+                    }
                     if scanned.done {
                         // Nothing after `data: [DONE]` reaches the client.
                         self.end(Ending::Complete);
@@ -98,6 +139,9 @@ impl Relay {
                 Poll::Ready(Some(Err(_))) => return self.fail("connection lost mid-stream", "error"),
                 Poll::Ready(None) => {
                     let rest = self.scanner.finish();
+                    if let Some(k) = &mut self.kept {
+                        k.push(&rest);
+                    }
                     self.end(Ending::Complete);
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }

@@ -43,6 +43,8 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `stream_options.include_usage: true`.
     pub include_usage: bool,
+    /// Byte range of the `stream_options` object, when there is one.
+    pub stream_options: Option<Range<usize>>,
     /// `max_completion_tokens`, else `max_tokens`: the most the answer may use.
     pub max_tokens: Option<u64>,
     /// `n`: answers asked for (1 by default).

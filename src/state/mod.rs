@@ -71,6 +71,9 @@ pub struct Endpoint {
     pub price_multiplier: Multiplier,
     /// Its pairs, in the order of `cfg.models`.
     pub pairs: Vec<Arc<Pair>>,
+    /// Its streams were seen to report usage (when asked): the relay need not keep a stream's text to count
+    /// its tokens. Learned per snapshot.
+    pub stream_usage: AtomicBool,
 }
 
 impl Endpoint {
@@ -232,6 +235,7 @@ impl Runtime {
                 enabled,
                 price_multiplier: Multiplier::from_factor(e.price_multiplier).unwrap_or_default(),
                 pairs,
+                stream_usage: AtomicBool::new(prev.is_some_and(|p| p.stream_usage.load(Ordering::Relaxed))),
             }));
         }
         let mut models = HashMap::with_capacity(config.models.len());

@@ -15,5 +15,5 @@ mod usage;
 pub use answer::{answer_usage, check_answer, model_list, static_answer, static_stream, BadAnswer, MODELS_CREATED};
 pub use content::{last_user_text, metadata};
 pub use error::{error_body, refusal_body, sse_error_event, ErrorClass, UpstreamError};
-pub use request::{inspect_chat, inspect_embeddings, rewrite_model};
+pub use request::{inspect_chat, inspect_embeddings, upstream_body, usage_forced};
 pub use sse::{FirstEvent, Scanned, SseScanner};

@@ -22,7 +22,8 @@ struct ChatView<'a> {
     max_completion_tokens: Option<i64>,
     temperature: Option<f64>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
     n: Option<i64>,
     #[serde(borrow)]
     tools: Option<&'a RawValue>,
@@ -152,12 +153,22 @@ pub fn inspect_chat(body: &[u8]) -> Result<RequestInfo, ApiError> {
         .find(|m| m.role.as_deref() == Some("user"))
         .and_then(|m| m.content)
         .map(|c| span_in(body, c));
+    let stream_options = v.stream_options.filter(|o| o.get().trim() != "null");
+    let include_usage = match stream_options {
+        None => false,
+        Some(o) => serde_json::from_str::<StreamOptions>(o.get())
+            .map_err(|_| ApiError::invalid("invalid_stream_options", "`stream_options` must be an object"))?
+            .include_usage
+            .unwrap_or(false),
+    };
     let (model, model_span) = model_of(body, v.model)?;
     Ok(RequestInfo {
         model,
         model_span,
         stream: v.stream.unwrap_or(false),
-        include_usage: v.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        include_usage,
+        // `null` too: it is replaced, never duplicated, when usage is asked for.
+        stream_options: v.stream_options.map(|o| span_in(body, o)),
         max_tokens: v.max_completion_tokens.or(v.max_tokens).map(|n| n as u64),
         n,
         has_tools: non_empty(v.tools) || non_empty(v.functions),
@@ -180,16 +191,49 @@ pub fn inspect_embeddings(body: &[u8]) -> Result<RequestInfo, ApiError> {
     Ok(RequestInfo { model, model_span, n: 1, ..RequestInfo::default() })
 }
 
-/// The body with the `model` value replaced by `upstream` (the same bytes when the name is unchanged).
-pub fn rewrite_model(body: &Bytes, info: &RequestInfo, upstream: &str) -> Bytes {
-    if upstream == info.model {
+/// Whether the upstream is asked for a stream's usage although the client did not ask: then the relay removes
+/// it again ([`super::SseScanner::hiding_usage`]), so the client sees what it would have seen.
+pub fn usage_forced(info: &RequestInfo) -> bool {
+    info.stream && !info.include_usage
+}
+
+/// The body as an upstream gets it: the `model` value replaced by `upstream`'s name, and for a stream whose
+/// client did not ask for usage, `stream_options.include_usage` set to true so that the stream's cost is
+/// known. Nothing else changes; the same bytes when neither applies.
+pub fn upstream_body(body: &Bytes, info: &RequestInfo, upstream: &str) -> Bytes {
+    let force = usage_forced(info);
+    if upstream == info.model && !force {
         return body.clone();
     }
-    let quoted = serde_json::to_string(upstream).unwrap_or_default();
-    let mut out = BytesMut::with_capacity(body.len() + quoted.len());
-    out.extend_from_slice(&body[..info.model_span.start]);
-    out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[info.model_span.end..]);
+    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(2);
+    if upstream != info.model {
+        edits.push((info.model_span.clone(), serde_json::to_vec(upstream).unwrap_or_default()));
+    }
+    if force {
+        match &info.stream_options {
+            Some(span) => {
+                // Keep the client's other stream options.
+                let mut o: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                o.insert("include_usage".into(), serde_json::Value::Bool(true));
+                edits.push((span.clone(), serde_json::to_vec(&o).unwrap_or_default()));
+            }
+            None => {
+                // A chat request is an object with at least `model` and `messages`: insert as its first member.
+                let at = memchr::memchr(b'{', body).map_or(0, |i| i + 1);
+                edits.push((at..at, br#""stream_options":{"include_usage":true},"#.to_vec()));
+            }
+        }
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut out = BytesMut::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (r, text) in edits {
+        out.extend_from_slice(&body[at..r.start]);
+        out.extend_from_slice(&text);
+        at = r.end;
+    }
+    out.extend_from_slice(&body[at..]);
     out.freeze()
 }
 
@@ -210,12 +254,45 @@ mod tests {
         assert_eq!(info.model, "gpt-4.1");
         assert!(info.stream && info.include_usage);
         assert_eq!(&body[info.model_span.clone()], b"\"gpt-4.1\"");
-        let out = rewrite_model(&body, &info, "openai/gpt-4.1");
+        let out = upstream_body(&body, &info, "openai/gpt-4.1");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model" : "openai/gpt-4.1","messages":[{"role":"user","content":"hi"}],"tools":[{"x":1}],"seed":7,"stream":true,"stream_options":{"include_usage":true}}"#
         );
-        assert_eq!(rewrite_model(&body, &info, "gpt-4.1").as_ptr(), body.as_ptr(), "no copy when unchanged");
+        assert_eq!(upstream_body(&body, &info, "gpt-4.1").as_ptr(), body.as_ptr(), "no copy when unchanged");
+    }
+
+    #[test]
+    fn a_stream_whose_client_did_not_ask_for_usage_asks_the_upstream_for_it() {
+        let up = |b: &str, name: &str| {
+            let body = Bytes::copy_from_slice(b.as_bytes());
+            let info = inspect_chat(&body).unwrap();
+            let out = upstream_body(&body, &info, name);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            (String::from_utf8(out.to_vec()).unwrap(), v)
+        };
+        let (text, v) =
+            up(r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#, "gpt-4.1");
+        assert_eq!(v["stream_options"]["include_usage"], true, "{text}");
+        // With the model renamed too, and other stream options kept.
+        let (text, v) = up(
+            r#"{"model":"gpt-4.1","stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#
+                .replace("[]", r#"[{"role":"user","content":"hi"}]"#)
+                .as_str(),
+            "openai/gpt-4.1",
+        );
+        assert_eq!(
+            (v["model"].as_str(), v["stream_options"]["include_usage"].as_bool()),
+            (Some("openai/gpt-4.1"), Some(true)),
+            "{text}"
+        );
+        assert_eq!(v["stream_options"]["x"], 1);
+        // Not a stream, or usage asked for: untouched.
+        let (text, _) = up(r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}"#, "gpt-4.1");
+        assert!(!text.contains("stream_options"));
+        assert!(
+            inspect_chat(br#"{"model":"m","stream_options":3,"messages":[{"role":"user","content":"hi"}]}"#).is_err()
+        );
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
 static USAGE_KEY: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"\"usage\""));
 static DONE: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"[DONE]"));
+static USAGE_NULL: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"\"usage\":null"));
+
+/// What happens to one event on its way to the client.
+enum Edit {
+    /// Handed on as it came.
+    Keep,
+    /// Left out (the usage chunk of a client that did not ask for it).
+    Drop,
+    /// Handed on as these bytes (`"usage":null` taken out).
+    Rewrite(Vec<u8>),
+}
 
 /// What the first data event of a stream is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,12 +74,21 @@ pub struct SseScanner {
     usage: Option<Tokens>,
     done: bool,
     overflow: bool,
+    /// The upstream was asked for usage that the client did not ask for: take it out again.
+    hide_usage: bool,
 }
 
 impl SseScanner {
     /// A scanner at the start of a stream.
     pub fn new() -> SseScanner {
         SseScanner::default()
+    }
+
+    /// A scanner that also takes out what `stream_options.include_usage` added to the stream — the final usage
+    /// chunk (`"choices":[]`) and `"usage":null` on the other chunks — for a client that did not ask for it.
+    /// Its usage is still read.
+    pub fn hiding_usage() -> SseScanner {
+        SseScanner { hide_usage: true, ..SseScanner::default() }
     }
 
     /// The last usage seen so far.
@@ -103,8 +123,7 @@ impl SseScanner {
             self.pending.split().freeze()
         };
         let cut = last_event_end(&buf);
-        let complete = buf.slice(..cut);
-        let end = self.events(&complete);
+        let out = self.events(buf.slice(..cut));
         if !self.done && cut < buf.len() {
             if buf.len() - cut > MAX_EVENT_BYTES {
                 self.overflow = true;
@@ -116,7 +135,7 @@ impl SseScanner {
                 self.pending.extend_from_slice(&buf[cut..]);
             }
         }
-        Scanned { out: if end < complete.len() { complete.slice(..end) } else { complete }, done: self.done }
+        Scanned { out, done: self.done }
     }
 
     /// The upstream ended: an unterminated last event, scanned and handed on as it is.
@@ -125,31 +144,50 @@ impl SseScanner {
             return Bytes::new();
         }
         let rest = self.pending.split().freeze();
-        let end = self.event(&rest, 0, rest.len());
-        rest.slice(..end)
+        match self.event(&rest, 0, rest.len()) {
+            Edit::Keep => rest,
+            Edit::Drop => Bytes::new(),
+            Edit::Rewrite(b) => Bytes::from(b),
+        }
     }
 
-    /// Look at each event of `buf` (complete events only); returns where to cut: after `[DONE]`, else the end.
-    fn events(&mut self, buf: &[u8]) -> usize {
+    /// Look at each event of `buf` (complete events only); returns what goes on: up to `[DONE]`, without the
+    /// events left out. Unchanged events are not copied.
+    fn events(&mut self, buf: Bytes) -> Bytes {
         // Past the first event, an ordinary chunk has neither `[DONE]` nor a usage object: two byte searches
         // over the whole frame, and no walk through its lines.
-        if self.first.is_some() && DONE.find(buf).is_none() && USAGE_KEY.find(buf).is_none() {
-            return buf.len();
+        if self.first.is_some() && DONE.find(&buf).is_none() && USAGE_KEY.find(&buf).is_none() {
+            return buf;
         }
-        let mut start = 0;
+        let (mut start, mut cut) = (0, buf.len());
+        // Built only once an event is changed: what goes on, from the start of the frame.
+        let mut edited: Option<BytesMut> = None;
         while start < buf.len() {
-            let end = next_event_end(buf, start).unwrap_or(buf.len());
-            let cut = self.event(buf, start, end);
+            let end = next_event_end(&buf, start).unwrap_or(buf.len());
+            match (self.event(&buf, start, end), &mut edited) {
+                (Edit::Keep, None) => {}
+                (Edit::Keep, Some(o)) => o.extend_from_slice(&buf[start..end]),
+                (edit, o) => {
+                    let o = o.get_or_insert_with(|| BytesMut::from(&buf[..start]));
+                    if let Edit::Rewrite(b) = edit {
+                        o.extend_from_slice(&b);
+                    }
+                }
+            }
             if self.done {
-                return cut;
+                cut = end;
+                break;
             }
             start = end;
         }
-        buf.len()
+        match edited {
+            Some(o) => o.freeze(),
+            None => buf.slice(..cut),
+        }
     }
 
-    /// One event, `buf[start..end]`; returns `end`.
-    fn event(&mut self, buf: &[u8], start: usize, end: usize) -> usize {
+    /// One event, `buf[start..end]`: what to hand on.
+    fn event(&mut self, buf: &[u8], start: usize, end: usize) -> Edit {
         let ev = &buf[start..end];
         let mut from = 0;
         while from < ev.len() {
@@ -164,19 +202,47 @@ impl SseScanner {
                 if self.first.is_none() {
                     self.first = Some(FirstEvent::Garbage("a stream that ended before its first chunk"));
                 }
-                return end;
+                return Edit::Keep;
             }
             if self.first.is_none() {
                 self.first = Some(classify_first(data));
             }
-            if USAGE_KEY.find(data).is_some() && has_usage_object(data) {
-                if let Ok(ChunkView { usage: Some(u), .. }) = serde_json::from_slice::<ChunkView>(data) {
-                    self.usage = Some(u.tokens());
+            if USAGE_KEY.find(data).is_some() {
+                if has_usage_object(data) {
+                    if let Ok(ChunkView { usage: Some(u), choices, .. }) = serde_json::from_slice::<ChunkView>(data) {
+                        self.usage = Some(u.tokens());
+                        if self.hide_usage && choices.is_some_and(|c| c.get().trim() == "[]") {
+                            return Edit::Drop;
+                        }
+                    }
+                } else if self.hide_usage && USAGE_NULL.find(ev).is_some() {
+                    return Edit::Rewrite(without_usage_null(ev));
                 }
             }
         }
-        end
+        Edit::Keep
     }
+}
+
+/// `ev` without its `"usage":null` members (with the comma that separated each from its neighbour).
+fn without_usage_null(ev: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ev.len());
+    let mut at = 0;
+    for i in USAGE_NULL.find_iter(ev) {
+        let (mut from, mut to) = (i, i + b"\"usage\":null".len());
+        if from > at && ev[from - 1] == b',' {
+            from -= 1;
+        } else if ev.get(to) == Some(&b',') {
+            to += 1;
+        }
+        if from < at {
+            continue;
+        }
+        out.extend_from_slice(&ev[at..from]);
+        at = to;
+    }
+    out.extend_from_slice(&ev[at..]);
+    out
 }
 
 /// What a stream's first data payload is.
@@ -295,6 +361,31 @@ data: [DONE]\n\n";
         }
         let bytes: Vec<&[u8]> = STREAM.chunks(1).collect();
         assert_eq!(scan(&bytes).1, expected());
+    }
+
+    #[test]
+    fn usage_asked_for_the_client_is_read_and_taken_out_again_at_any_split() {
+        let forced: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n\
+data: {\"usage\":null,\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}\n\n\
+data: [DONE]\n\n";
+        let plain: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\
+data: [DONE]\n\n";
+        for at in 0..=forced.len() {
+            let mut s = SseScanner::hiding_usage();
+            let (a, b) = forced.split_at(at);
+            let mut out = s.feed(Bytes::copy_from_slice(a)).out.to_vec();
+            out.extend_from_slice(&s.feed(Bytes::copy_from_slice(b)).out);
+            out.extend_from_slice(&s.finish());
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(plain), "split at {at}");
+            assert_eq!(s.usage(), Some(Tokens::new(12, 34)));
+        }
+        // Usage on a chunk with content stays (the content must reach the client).
+        let mixed = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+        let mut s = SseScanner::hiding_usage();
+        assert_eq!(&s.feed(Bytes::from_static(mixed)).out[..], &mixed[..]);
+        assert_eq!(s.usage(), Some(Tokens::new(1, 2)));
     }
 
     #[test]
