@@ -21,10 +21,8 @@ use tokio::sync::watch;
 
 use crate::gateway::Gateway;
 
-/// How long a connection may take to send a request head (the first, or the next on a kept-alive connection).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The same for connections accepted while three quarters of `max_connections` are open.
+/// How long a connection may take to send a request head (the first, or the next on a kept-alive connection) is
+/// `server.client_timeout`; this for connections accepted while three quarters of `max_connections` are open.
 pub const PRESSED_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long in-flight requests may take to finish after a shutdown signal.
@@ -38,7 +36,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
     let server = gw.runtime().config.server.clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(server.client_timeout.max(PRESSED_HEADER_READ_TIMEOUT))
         .max_buf_size(server.max_header_bytes.max(8192));
     // The header count follows the byte limit: hyper's default of 100 headers at the default 64 KiB, scaled
     // with it (above 100 hyper allocates the header slots per request, so only when the byte limit asks).

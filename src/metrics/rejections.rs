@@ -32,11 +32,13 @@ pub enum Reason {
     InvalidRequest,
     /// A client connection closed at once, past `max_connections`.
     ConnectionLimit,
+    /// The client did not send its whole request within `client_timeout` (408 `request_timeout`).
+    RequestTimeout,
 }
 
 impl Reason {
     /// Every reason, in label order.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::BudgetExceeded,
         Reason::RateLimitExceeded,
         Reason::InvalidApiKey,
@@ -47,6 +49,7 @@ impl Reason {
         Reason::ModelNotFound,
         Reason::InvalidRequest,
         Reason::ConnectionLimit,
+        Reason::RequestTimeout,
     ];
 
     /// The `reason` label.
@@ -62,6 +65,7 @@ impl Reason {
             Reason::ModelNotFound => "model_not_found",
             Reason::InvalidRequest => "invalid_request",
             Reason::ConnectionLimit => "connection_limit",
+            Reason::RequestTimeout => "request_timeout",
         }
     }
 

@@ -96,6 +96,31 @@ pub fn inspect(api: Api, body: &[u8]) -> Result<RequestInfo, ApiError> {
     }
 }
 
+/// 503 `overloaded` (with `Retry-After: 1`) when more than `max` requests are in flight, this one counted.
+pub fn overload(in_flight: i64, max: usize) -> Result<(), ApiError> {
+    if usize::try_from(in_flight).unwrap_or(0) <= max {
+        return Ok(());
+    }
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "overloaded",
+        format!("The gateway has {max} requests in flight, its max_concurrent_requests. Retry in a moment."),
+    );
+    e.retry_after_s = Some(1);
+    Err(e)
+}
+
+/// 408 `request_timeout`: the whole request did not arrive within `client_timeout`.
+pub fn request_timeout(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "invalid_request_error",
+        "request_timeout",
+        format!("The request was not received within {}s (server.client_timeout)", limit.as_secs_f64()),
+    )
+}
+
 /// Completion tokens reserved for a request that does not say how many it may use (`max_tokens`).
 pub const DEFAULT_COMPLETION_RESERVE: u64 = 1024;
 

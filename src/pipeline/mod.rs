@@ -119,13 +119,19 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let rt = gw.runtime();
+    let server = &rt.config.server;
     let (head, body) = req.into_parts();
-    // admit: who asks (before the body is read), what, and whether the client's limits allow it
+    // admit: room for one more, who asks (before the body is read), what, and whether the client's limits
+    // allow it
+    admit::overload(gw.metrics.in_flight.get(), server.max_concurrent_requests)?;
     let client = admit::authenticate(&rt, &head.headers)?;
     if let Some(c) = &client {
         fin.from_client(c);
     }
-    let body = admit::read_body(&head.headers, body, rt.config.server.max_body_bytes).await?;
+    let read = admit::read_body(&head.headers, body, server.max_body_bytes);
+    let body = tokio::time::timeout_at(fin.arrived() + server.client_timeout, read)
+        .await
+        .map_err(|_| admit::request_timeout(server.client_timeout))??;
     let info = admit::inspect(api, &body)?;
     fin.requested(&info.model, info.stream);
     if let Some(c) = &client {
@@ -145,7 +151,10 @@ where
     fin.routed(&model, reason);
     let chain = route::chain(&rt, &model);
     // forward
-    let deadline = fin.arrived() + rt.config.retry.deadline;
+    let mut deadline = fin.arrived() + rt.config.retry.deadline;
+    if info.stream {
+        deadline = deadline.min(fin.arrived() + server.max_stream_duration);
+    }
     let ctx = Ctx { gw, rt: &rt, api, body: &body, info: &info, deadline, suspected: AtomicBool::new(false) };
     let (answer, served_model, member, attempts) = match forward::forward(&ctx, &chain, fin).await? {
         Forwarded::Answer { answer, model, member, attempts } => (answer, model, member, attempts),
