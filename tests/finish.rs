@@ -135,5 +135,6 @@ async fn every_ending_gives_exactly_one_row_and_one_metric_increment() {
     assert_eq!(rows.len(), 9, "{rows:#?}");
     let drained = &rows[8];
     assert_eq!((drained.model.as_str(), drained.status, drained.error.as_deref()), ("fast", 200, None));
-    assert_eq!(drained.completion_tokens, None, "no usage asked for, none reported");
+    // The client asked for no usage; the upstream was asked, so the row has it (reported, not estimated).
+    assert_eq!((drained.completion_tokens, drained.estimated), (Some(10), false));
 }
