@@ -3,15 +3,18 @@
 # for the same binary and inputs whatever else the machine is doing, so small changes to the request path can
 # be compared where wall-clock figures drown in noise.
 #
-# Usage: bench/instructions.sh [--top N]
-#   --top N   also print the N functions with the most instructions of their own (callgrind_annotate)
+# Usage: bench/instructions.sh [--top N] [--policies]
+#   --top N      also print the N functions with the most instructions of their own (callgrind_annotate)
+#   --policies   the same requests from a client with a key, rpm and tpm limits, under a daily budget, for the
+#                alias `auto` of 50 routing rules (49 that do not match, then the default)
 # Needs valgrind, nginx and oha (bench/run.sh installs the last two). Writes bench/out-instr/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TOP=0
+TOP=0; POLICIES=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --top) TOP=$2; shift 2 ;;
+    --policies) POLICIES=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -49,10 +52,23 @@ NGINX
   printf '[[endpoints]]\nname = "s"\nbase_url = "http://127.0.0.1:18185/v1"\nmodels = ["mock-stream"]\n'
   printf '[[models]]\nname = "gpt-4.1"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n'
   printf '[[models]]\nname = "mock-stream"\ninput_usd_per_mtok = 0.1\noutput_usd_per_mtok = 0.4\n'
+  if [ "$POLICIES" = 1 ]; then
+    python3 - <<'PY'
+import hashlib
+print('[[clients]]\nname = "bench"\nkey_hash = "sha256:%s"\nrpm = 100000000\ntpm = 100000000000' % hashlib.sha256(b"sk-bench-client").hexdigest())
+print('[[budgets]]\nname = "daily"\nwarn_usd = 1000000\nlimit_usd = 2000000')
+for i in range(49):
+    cond = 'keywords = ["refund%d", "invoice%d"]' % (i, i) if i % 2 else 'regex = "(?i)\\\\bticket-%d\\\\b"' % i
+    print('[[routes]]\nname = "rule%d"\nmodel = "auto"\ntarget = "gpt-4.1"\n%s' % (i, cond))
+print('[[routes]]\nname = "rest"\nmodel = "auto"\ntarget = "gpt-4.1"\ndefault = true')
+PY
+  fi
 } > "$OUT/sheepdog.toml"
-python3 - > "$OUT/request.json" <<'PY'
-import json
-print(json.dumps({"model": "gpt-4.1", "max_tokens": 64, "messages": [
+MODEL=gpt-4.1; AUTH=()
+if [ "$POLICIES" = 1 ]; then MODEL=auto; AUTH=(-H 'authorization: Bearer sk-bench-client'); fi
+MODEL=$MODEL python3 - > "$OUT/request.json" <<'PY'
+import json, os
+print(json.dumps({"model": os.environ["MODEL"], "max_tokens": 64, "messages": [
     {"role": "system", "content": "You are a helpful assistant. " * 8},
     {"role": "user", "content": "Summarise the following text in one sentence: " + "lorem ipsum dolor sit amet " * 22}]}))
 PY
@@ -66,7 +82,7 @@ nginx -c "$OUT/nginx.conf" & PIDS+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.%p" "$SHEEPDOG" serve --config "$OUT/sheepdog.toml" \
   > "$OUT/sheepdog.log" 2>&1 & VG=$!; PIDS+=($VG)
 for _ in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:18180/health && break; sleep 0.5; done
-req() { oha -n "$1" -c 4 --no-tui -m POST -H 'content-type: application/json' -D "$OUT/request.json" \
+req() { oha -n "$1" -c 4 --no-tui -m POST -H 'content-type: application/json' "${AUTH[@]}" -D "$OUT/request.json" \
   http://127.0.0.1:18180/v1/chat/completions > /dev/null; }
 streams() { "$LOADGEN" stream --url http://127.0.0.1:18180/v1/chat/completions --streams $STREAMS --chunks $CHUNKS \
   --interval-ms 0 --model mock-stream > /dev/null; }
@@ -79,13 +95,18 @@ total() { # instructions so far, all threads (a fresh dump each time)
   done
   echo "$sum"
 }
-req 300; streams  # warm-up: pools, caches, lazily built state
+req 300; [ "$POLICIES" = 1 ] || streams  # warm-up: pools, caches, lazily built state
 callgrind_control -z "$VG" > /dev/null 2>&1; sleep 0.5; rm -f "$OUT"/callgrind.*
 t0=$(total); req $N; sleep 0.5; t1=$(total)   # the log writer's batch is written within 0.1 s
-streams; sleep 0.5; t2=$(total)
-per_req=$(( (t1 - t0) / N )); per_chunk=$(( (t2 - t1) / (STREAMS * CHUNKS) ))
-echo "instructions per request (~1 KB chat, 3 endpoints, log and metrics on): $per_req"
-echo "instructions per relayed stream chunk ($STREAMS streams x $CHUNKS chunks, setup included): $per_chunk"
+per_req=$(( (t1 - t0) / N ))
+if [ "$POLICIES" = 1 ]; then
+  echo "instructions per request (~1 KB chat, 3 endpoints, log and metrics on; client key, rpm/tpm, budget, 50 routing rules): $per_req"
+else
+  streams; sleep 0.5; t2=$(total)
+  per_chunk=$(( (t2 - t1) / (STREAMS * CHUNKS) ))
+  echo "instructions per request (~1 KB chat, 3 endpoints, log and metrics on): $per_req"
+  echo "instructions per relayed stream chunk ($STREAMS streams x $CHUNKS chunks, setup included): $per_chunk"
+fi
 if [ "$TOP" != 0 ]; then
   callgrind_control -z "$VG" > /dev/null 2>&1; sleep 0.5; rm -f "$OUT"/callgrind.*
   req $N; sleep 0.5; callgrind_control -d "$VG" > /dev/null 2>&1; sleep 0.5
