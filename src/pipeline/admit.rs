@@ -101,13 +101,13 @@ pub fn overload(in_flight: i64, max: usize) -> Result<(), ApiError> {
     if usize::try_from(in_flight).unwrap_or(0) <= max {
         return Ok(());
     }
-    let mut e = ApiError::new(
+    let e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",
         "overloaded",
         format!("The gateway has {max} requests in flight, its max_concurrent_requests. Retry in a moment."),
-    );
-    e.retry_after_s = Some(1);
+    )
+    .retry_after(1);
     Err(e)
 }
 
@@ -189,13 +189,13 @@ pub fn limit(client: &Arc<Client>, tokens: u64, now_ms: u64) -> Result<Grant, Ap
     let name = &client.name;
     let Some(parallel) = client.enter() else {
         let max = client.cfg.max_parallel.unwrap_or_default();
-        let mut e = ApiError::new(
+        let e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "requests",
             "rate_limit_exceeded",
             format!("The client `{name}` has {max} requests in flight, its max_parallel. Retry when one finishes."),
-        );
-        e.retry_after_s = Some(1);
+        )
+        .retry_after(1);
         return Err(e);
     };
     if let Err((which, l)) = client.live.limits.lock().admit(tokens, now_ms) {
@@ -203,7 +203,7 @@ pub fn limit(client: &Arc<Client>, tokens: u64, now_ms: u64) -> Result<Grant, Ap
             Which::Requests => ("requests", "requests", client.cfg.rpm.map_or(0, u64::from)),
             Which::Tokens => ("tokens", "tokens", client.cfg.tpm.unwrap_or_default()),
         };
-        let mut e = ApiError::new(
+        let e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             kind,
             "rate_limit_exceeded",
@@ -213,8 +213,8 @@ pub fn limit(client: &Arc<Client>, tokens: u64, now_ms: u64) -> Result<Grant, Ap
                 if which == Which::Requests { 1 } else { tokens },
                 format_reset(l.retry_after_ms)
             ),
-        );
-        e.retry_after_s = Some(l.retry_after_ms.div_ceil(1000).max(1));
+        )
+        .retry_after(l.retry_after_ms.div_ceil(1000).max(1));
         return Err(e);
     }
     Ok(Grant { client: client.clone(), tokens, _parallel: parallel })

@@ -253,30 +253,26 @@ fn exhausted(model: &Model, attempts: u32, errors: &[AttemptError], chain: &Chai
                 format!("{}/{}: {reason}", x.endpoint.cfg.name, x.pair.model())
             })
             .collect();
-        let mut e = ApiError::new(
+        return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
             "no_upstream_available",
             format!("No upstream can serve `{name}` now ({}).", why.join("; ")),
-        );
-        e.retry_after_s = Some(1);
-        return e;
+        )
+        .retry_after(1);
     }
     let list: Vec<String> = errors.iter().map(|e| format!("{}/{}: {}", e.endpoint, e.model, e.what)).collect();
     let message = format!("No upstream could serve `{name}` after {attempts} attempt(s): {}.", list.join("; "));
     let all = |k: FailKind| errors.iter().all(|e| e.kind == k);
     if all(FailKind::RateLimited) {
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "upstream_rate_limited", message);
-        e.retry_after_s = Some(errors.iter().filter_map(|e| e.retry_after_ms).min().unwrap_or(1000).div_ceil(1000));
-        e
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "upstream_rate_limited", message)
+            .retry_after(errors.iter().filter_map(|e| e.retry_after_ms).min().unwrap_or(1000).div_ceil(1000))
     } else if all(FailKind::Timeout) {
         ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream_timeout", message)
     } else if all(FailKind::Garbage) {
         ApiError::bad_upstream(message)
     } else {
-        let mut e =
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no_upstream_available", message);
-        e.retry_after_s = Some(1);
-        e
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "no_upstream_available", message)
+            .retry_after(1)
     }
 }

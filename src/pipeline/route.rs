@@ -173,7 +173,7 @@ fn release(held: &mut Reservations, unix_ms: i64) {
 
 fn exceeded(b: &Budget, retry_after_s: u64) -> ApiError {
     let limit = b.cfg.limit_usd.unwrap_or_default();
-    let mut e = ApiError::new(
+    ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "insufficient_quota",
         "budget_exceeded",
@@ -184,9 +184,8 @@ fn exceeded(b: &Budget, retry_after_s: u64) -> ApiError {
             retry_after_s,
             b.cfg.period.name()
         ),
-    );
-    e.retry_after_s = Some(retry_after_s);
-    e
+    )
+    .retry_after(retry_after_s)
 }
 
 /// The chain for `model`: itself, then its fallbacks in order (each once).
