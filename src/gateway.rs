@@ -28,6 +28,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The config file reloads read (none for the embedded demo).
     pub config_path: Option<PathBuf>,
+    /// Where health is saved at shutdown and read back at start (`state::saved`); none for the demo.
+    pub state_path: Option<PathBuf>,
     /// Process time.
     pub clock: Clock,
     /// Wakes requests waiting for a candidate to recover.
@@ -63,19 +65,35 @@ impl Gateway {
         let metrics = Metrics::new();
         let log = RequestLog::open(&log_config(&config), &metrics)?;
         let changes = Changes::default();
+        // The embedded demo's upstreams get new ports each start: nothing of theirs to keep.
+        let state_path = config_path.as_ref().map(|_| crate::state::saved::path_for(&config.log.path));
         let runtime = Runtime::build(config, None, &Shared { metrics: &metrics, changes: &changes, memory: &memory });
         resume_budgets(&runtime, &log);
+        let clock = Clock::new();
+        if let Some(p) = &state_path {
+            crate::state::saved::restore(&runtime, p, clock.now_ms(), crate::clock::unix_ms());
+        }
         Ok(Arc::new(Gateway {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             config_path,
-            clock: Clock::new(),
+            state_path,
+            clock,
             changes,
             reload_lock: tokio::sync::Mutex::new(()),
             queue: Semaphore::new(MAX_QUEUED),
             log,
             memory,
         }))
+    }
+
+    /// Save every pair's breaker and history, and the manual drains, for the next start (graceful shutdown).
+    pub fn save_state(&self) {
+        let Some(path) = &self.state_path else { return };
+        match crate::state::saved::save(&self.runtime(), path, self.now_ms(), crate::clock::unix_ms()) {
+            Ok(n) => tracing::info!(file = %path.display(), pairs = n, "health state saved for the next start"),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "health state could not be saved"),
+        }
     }
 
     /// The current snapshot.

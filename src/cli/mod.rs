@@ -319,6 +319,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     crate::http::serve(gw.clone(), listener, shutdown).await;
+    gw.save_state();
     // Answered requests are queued for the log; write them all before exiting.
     let closing = gw.clone();
     let _ = tokio::task::spawn_blocking(move || closing.log.close()).await;

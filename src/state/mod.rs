@@ -9,6 +9,7 @@ pub mod budgets;
 pub mod clients;
 mod pair;
 pub mod routes;
+pub mod saved;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ use tokio::sync::Notify;
 
 pub use budgets::Budget;
 pub use clients::{Client, Clients, ParallelGuard};
-pub use pair::{InFlight, Outcome, Pair, PairPolicy, PairSpec, PairView, Source};
+pub use pair::{InFlight, Outcome, Pair, PairPolicy, PairSpec, PairView, SavedPair, Source};
 pub use routes::Alias;
 
 use crate::config::{Config, EndpointConfig, ModelConfig, ModelKind};

@@ -513,3 +513,62 @@ mod tests {
         assert_eq!(p.view(&policy().breaker, 30).in_flight, 0);
     }
 }
+
+/// What of a pair survives a restart ([`Pair::saved`], [`Pair::restore`]); see `state::saved`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPair {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Endpoint base URL: state is only restored to the same endpoint.
+    pub base_url: String,
+    /// Public model name.
+    pub model: String,
+    /// The breaker, its times relative to the save.
+    pub breaker: sheepdog_policy::breaker::SavedBreaker,
+    /// The check history, oldest first: (ok, latency ms, age in ms at the save).
+    pub checks: Vec<(bool, f64, u64)>,
+    /// The latency average, ms.
+    pub latency_ewma_ms: Option<f64>,
+}
+
+impl Pair {
+    /// The pair's breaker and history as they are at `now_ms`.
+    pub fn saved(&self, now_ms: u64) -> SavedPair {
+        let breaker = self.breaker.lock().saved(now_ms);
+        let checks = self.history.lock().iter().map(|c| (c.ok, c.latency_ms, now_ms.saturating_sub(c.at_ms))).collect();
+        let ewma = self.ewma.value();
+        SavedPair {
+            endpoint: self.endpoint.clone(),
+            base_url: self.base_url.clone(),
+            model: self.model.clone(),
+            breaker,
+            checks,
+            latency_ewma_ms: ewma.is_finite().then_some(ewma),
+        }
+    }
+
+    /// Take over what `saved` kept, `offline_ms` after it was saved; the caller checked that it is this pair
+    /// ([`Pair::same`]). Publishes the breaker gauge and recomputes the status.
+    pub fn restore(&self, saved: &SavedPair, offline_ms: u64, policy: &PairPolicy, now_ms: u64) {
+        let state = {
+            let mut b = self.breaker.lock();
+            *b = Breaker::restored(&saved.breaker, offline_ms, now_ms);
+            b.state()
+        };
+        {
+            let mut h = self.history.lock();
+            h.clear();
+            let skip = saved.checks.len().saturating_sub(h.capacity());
+            for &(ok, latency_ms, age_ms) in &saved.checks[skip..] {
+                let at_ms = now_ms.saturating_sub(age_ms.saturating_add(offline_ms)).max(1);
+                h.push(Check { ok, latency_ms: if latency_ms.is_finite() { latency_ms } else { 0.0 }, at_ms });
+            }
+        }
+        if let Some(ms) = saved.latency_ewma_ms.filter(|v| v.is_finite() && *v >= 0.0) {
+            self.ewma.update(ms, now_ms);
+        }
+        self.metrics.breaker.set(state.gauge());
+        self.refresh_status(&policy.status, true);
+        self.changes.notify();
+    }
+}

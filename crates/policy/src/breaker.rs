@@ -174,6 +174,26 @@ pub struct Breaker {
     open_count: u64,
 }
 
+/// What of a breaker survives a restart ([`Breaker::saved`], [`Breaker::restored`]). Times are durations
+/// relative to the moment it was saved, so they survive the change of clock a restart is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBreaker {
+    /// The state when saved.
+    pub state: BreakerState,
+    /// Consecutive failures counted while closed.
+    pub failures: u32,
+    /// Consecutive successes counted while half-open.
+    pub successes: u32,
+    /// Failed half-open episodes since it last closed (the timeout exponent).
+    pub reopens: u32,
+    /// Timeout of the current (or last) open period.
+    pub open_timeout_ms: u64,
+    /// For an open breaker: how long after saving it may turn half-open.
+    pub retry_in_ms: u64,
+    /// Times it has opened.
+    pub open_count: u64,
+}
+
 impl Default for Breaker {
     fn default() -> Self {
         Breaker::new()
@@ -194,6 +214,41 @@ impl Breaker {
             open_timeout_ms: 0,
             retry_at_ms: 0,
             open_count: 0,
+        }
+    }
+
+    /// What survives a restart, saved at `now_ms`.
+    pub fn saved(&self, now_ms: u64) -> SavedBreaker {
+        SavedBreaker {
+            state: self.state,
+            failures: self.failures,
+            successes: self.successes,
+            reopens: self.reopens,
+            open_timeout_ms: self.open_timeout_ms,
+            retry_in_ms: match self.state {
+                BreakerState::Open => self.retry_at_ms.saturating_sub(now_ms),
+                BreakerState::Closed | BreakerState::HalfOpen => 0,
+            },
+            open_count: self.open_count,
+        }
+    }
+
+    /// A breaker restored at `now_ms` from `saved`, `offline_ms` after it was saved: an open breaker stays
+    /// open for what was left of its recovery timeout (then turns half-open as usual), a half-open one is
+    /// half-open with no trial in flight, a closed one keeps its count of consecutive failures. The state
+    /// counts as entered at `now_ms`, so no result of an attempt from before the restart can count.
+    pub fn restored(saved: &SavedBreaker, offline_ms: u64, now_ms: u64) -> Breaker {
+        Breaker {
+            state: saved.state,
+            since_ms: now_ms,
+            failures: saved.failures,
+            successes: saved.successes,
+            trials_in_flight: 0,
+            last_trial_ms: 0,
+            reopens: saved.reopens,
+            open_timeout_ms: saved.open_timeout_ms,
+            retry_at_ms: now_ms.saturating_add(saved.retry_in_ms.saturating_sub(offline_ms)),
+            open_count: saved.open_count,
         }
     }
 
@@ -389,6 +444,67 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_open_breaker_stays_open_for_the_rest_of_its_timeout() {
+        let cfg = BreakerConfig::default();
+        let mut b = Breaker::new();
+        for _ in 0..cfg.failure_threshold {
+            b.record_failure(&cfg, 1_000);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        let saved = b.saved(11_000); // 10 s into its recovery timeout
+        assert_eq!(saved.retry_in_ms, cfg.recovery_timeout_ms - 10_000);
+        // Restarted 2 s later, on a clock that starts again near zero.
+        let mut r = Breaker::restored(&saved, 2_000, 5);
+        assert_eq!(r.state(), BreakerState::Open);
+        assert_eq!(r.retry_at_ms(), Some(5 + cfg.recovery_timeout_ms - 12_000));
+        assert_eq!(r.admit(&cfg, 5 + cfg.recovery_timeout_ms - 12_001), Admission::Rejected);
+        assert_eq!(r.admit(&cfg, 5 + cfg.recovery_timeout_ms - 12_000), Admission::Trial);
+        assert_eq!(r.open_count(), 1);
+    }
+
+    #[test]
+    fn a_breaker_restored_after_its_timeout_admits_a_trial_at_once() {
+        let cfg = BreakerConfig::default();
+        let mut b = Breaker::new();
+        for _ in 0..cfg.failure_threshold {
+            b.record_failure(&cfg, 1_000);
+        }
+        let saved = b.saved(2_000);
+        let mut r = Breaker::restored(&saved, cfg.recovery_timeout_ms, 7);
+        assert_eq!(r.admit(&cfg, 7), Admission::Trial);
+    }
+
+    #[test]
+    fn restored_state_ignores_results_of_attempts_from_before_the_restart() {
+        let cfg = BreakerConfig::default();
+        let mut b = Breaker::new();
+        b.record_failure(&cfg, 100);
+        b.record_failure(&cfg, 200);
+        let saved = b.saved(300);
+        assert_eq!((saved.state, saved.failures), (BreakerState::Closed, 2));
+        let mut r = Breaker::restored(&saved, 50, 10);
+        assert_eq!(r.record_attempt(&cfg, false, 9, 20), None, "started before the restart");
+        assert_eq!(r.consecutive_failures(), 2);
+        assert!(r.record_attempt(&cfg, false, 10, 20).is_some(), "the third failure opens it");
+    }
+
+    #[test]
+    fn saved_breakers_round_trip_through_json() {
+        let saved = SavedBreaker {
+            state: BreakerState::HalfOpen,
+            failures: 0,
+            successes: 1,
+            reopens: 2,
+            open_timeout_ms: 120_000,
+            retry_in_ms: 0,
+            open_count: 3,
+        };
+        let text = serde_json::to_string(&saved).unwrap();
+        assert!(text.contains("\"half_open\""), "{text}");
+        assert_eq!(serde_json::from_str::<SavedBreaker>(&text).unwrap(), saved);
+    }
     use BreakerState::{Closed, HalfOpen, Open};
 
     fn cfg() -> BreakerConfig {
