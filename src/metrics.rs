@@ -67,6 +67,8 @@ pub struct Metrics {
     pub webhook_failures: IntCounter,
     /// `sheepdog_requests_in_flight`: client requests on `/v1/*` not finished yet (open streams included).
     pub in_flight: IntGauge,
+    /// `sheepdog_requests_queued`: client requests waiting in the recovery queue for a candidate.
+    pub queued: IntGauge,
     /// `sheepdog_request_log_queue_depth`: finished requests queued for the request log's writer.
     pub log_queue_depth: IntGauge,
     /// `sheepdog_request_log_queue_capacity`: rows the queue holds before it drops.
@@ -231,6 +233,10 @@ impl Metrics {
             "sheepdog_requests_in_flight",
             "Client requests on /v1/* not finished yet, open streams included.",
         );
+        let queued = int_gauge(
+            "sheepdog_requests_queued",
+            "Client requests waiting in the recovery queue for an endpoint to recover ([retry] queue_timeout).",
+        );
         let log_queue_depth =
             int_gauge("sheepdog_request_log_queue_depth", "Finished requests queued for the request log's writer.");
         let log_queue_capacity = int_gauge(
@@ -293,6 +299,7 @@ impl Metrics {
             budgets,
             webhook_failures,
             in_flight,
+            queued,
             log_queue_depth,
             log_queue_capacity,
             reload_ok,
@@ -579,6 +586,7 @@ mod tests {
             r#"sheepdog_rejections_total{reason="body_too_large"} 1"#,
             r#"sheepdog_rejections_total{reason="budget_exceeded"} 0"#,
             "sheepdog_requests_in_flight 0",
+            "sheepdog_requests_queued 0",
             "sheepdog_request_log_queue_depth 0",
             "sheepdog_config_last_reload_successful 0",
             r#"sheepdog_config_reloads_total{result="refused"} 1"#,

@@ -147,8 +147,13 @@ async fn spend_survives_a_restart_and_thresholds_are_not_announced_twice() {
     assert!((metric(&m, "sheepdog_budget_spent_usd{budget=\"daily\"}").unwrap() - 3.0).abs() < 1e-6, "{m}");
     assert_eq!(post(&gw.url("/v1/chat/completions"), &body("gpt-4.1")).await.status, 200);
     assert!((budget_state(&gw).await["spent_usd"].as_f64().unwrap() - 4.0).abs() < 1e-6);
-    // The warn threshold was crossed before the restart: not announced again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The warn threshold was crossed before the restart: not announced again. Settling the spend (seen
+    // above) and announcing a crossing (log line, counter, webhook spawned) happen in one call, so the
+    // counter tells without waiting.
+    let m = get(&gw.url("/metrics")).await.text();
+    let warned = metric(&m, "sheepdog_budget_threshold_crossings_total{budget=\"daily\",threshold=\"warn\"}");
+    assert!(warned.unwrap_or(0.0) == 0.0, "announced again after the restart: {m}");
+    assert!(!gw.proc.stderr().contains("budget threshold crossed"), "{}", gw.proc.stderr());
     assert_eq!(hook.seen.lock().unwrap().len(), 1);
 }
 

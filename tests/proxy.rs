@@ -347,7 +347,10 @@ async fn graceful_shutdown_finishes_in_flight_streams() {
     let url = gw.url("/v1/chat/completions");
     let body = r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let s = tokio::spawn(async move { stream(&url, body).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), "the stream reached the upstream", || async {
+        mock_stats(&m).await["by_path"]["/v1/chat/completions"].as_u64() >= Some(1)
+    })
+    .await;
     gw.proc.signal("TERM");
     let s = s.await.unwrap();
     assert!(s.error.is_none(), "{:?}", s.error);

@@ -65,6 +65,8 @@ async fn every_answer_is_logged_and_nothing_is_lost_on_graceful_shutdown() {
         body.frame().await.unwrap().unwrap();
     }
     // 5. A stream still running when SIGTERM arrives: it finishes, and its row is written before exit.
+    let chats = |v: serde_json::Value| v["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0);
+    let before = chats(mock_stats(&good).await);
     let last_url = url.clone();
     let last = tokio::spawn(async move {
         stream(
@@ -73,7 +75,11 @@ async fn every_answer_is_logged_and_nothing_is_lost_on_graceful_shutdown() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM once the stream has reached the upstream (it runs for 2 s at the mock's 10 tokens/s).
+    eventually(Duration::from_secs(10), "the last stream reached the upstream", || async {
+        chats(mock_stats(&good).await) > before
+    })
+    .await;
     gw.proc.signal("TERM");
     let last = last.await.unwrap();
     assert!(last.error.is_none(), "{:?}", last.error);

@@ -209,6 +209,7 @@ async fn wait_for_candidate(ctx: &Ctx<'_>, chain: &Chain) -> bool {
         return false;
     }
     let Ok(_permit) = ctx.gw.queue.try_acquire() else { return false };
+    let _queued = Queued::enter(&ctx.gw.metrics.queued);
     let until = (Instant::now() + timeout).min(ctx.deadline);
     let members = || chain.iter().flat_map(|m| m.members.iter());
     loop {
@@ -232,6 +233,22 @@ async fn wait_for_candidate(ctx: &Ctx<'_>, chain: &Chain) -> bool {
             _ = &mut changed => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+/// One request counted in `sheepdog_requests_queued` while it waits, however the wait ends.
+struct Queued<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Queued<'a> {
+    fn enter(g: &'a prometheus::IntGauge) -> Queued<'a> {
+        g.inc();
+        Queued(g)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
