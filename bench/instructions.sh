@@ -7,7 +7,8 @@
 #   --top N      also print the N functions with the most instructions of their own (callgrind_annotate)
 #   --policies   the same requests from a client with a key, rpm and tpm limits, under a daily budget, for the
 #                alias `auto` of 50 routing rules (49 that do not match, then the default)
-# Needs valgrind, nginx and oha (bench/run.sh installs the last two). Writes bench/out-instr/.
+# Needs valgrind and nginx (installed when missing); the requests are sent by `loadgen send`. Writes
+# bench/out-instr/. SHEEPDOG=path runs another build of the gateway (e.g. an older commit's, to compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOP=0; POLICIES=0
@@ -20,9 +21,8 @@ while [ $# -gt 0 ]; do
 done
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
-command -v oha >/dev/null || cargo install oha --locked
 cargo build --release --locked --bin sheepdog --example loadgen
-SHEEPDOG=$PWD/target/release/sheepdog; LOADGEN=$PWD/target/release/examples/loadgen
+SHEEPDOG=${SHEEPDOG:-$PWD/target/release/sheepdog}; LOADGEN=$PWD/target/release/examples/loadgen
 OUT=$PWD/bench/out-instr; rm -rf "$OUT"; mkdir -p "$OUT/tmp"
 N=2000; STREAMS=20; CHUNKS=200
 
@@ -65,7 +65,7 @@ PY
   fi
 } > "$OUT/sheepdog.toml"
 MODEL=gpt-4.1; AUTH=()
-if [ "$POLICIES" = 1 ]; then MODEL=auto; AUTH=(-H 'authorization: Bearer sk-bench-client'); fi
+if [ "$POLICIES" = 1 ]; then MODEL=auto; AUTH=(--header 'authorization: Bearer sk-bench-client'); fi
 MODEL=$MODEL python3 - > "$OUT/request.json" <<'PY'
 import json, os
 print(json.dumps({"model": os.environ["MODEL"], "max_tokens": 64, "messages": [
@@ -82,8 +82,8 @@ nginx -c "$OUT/nginx.conf" & PIDS+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.%p" "$SHEEPDOG" serve --config "$OUT/sheepdog.toml" \
   > "$OUT/sheepdog.log" 2>&1 & VG=$!; PIDS+=($VG)
 for _ in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:18180/health && break; sleep 0.5; done
-req() { oha -n "$1" -c 4 --no-tui -m POST -H 'content-type: application/json' "${AUTH[@]}" -D "$OUT/request.json" \
-  http://127.0.0.1:18180/v1/chat/completions > /dev/null; }
+req() { "$LOADGEN" send --requests "$1" --connections 4 "${AUTH[@]}" --body "$OUT/request.json" \
+  --url http://127.0.0.1:18180/v1/chat/completions; }
 streams() { "$LOADGEN" stream --url http://127.0.0.1:18180/v1/chat/completions --streams $STREAMS --chunks $CHUNKS \
   --interval-ms 0 --model mock-stream > /dev/null; }
 total() { # instructions so far, all threads (a fresh dump each time)

@@ -3,6 +3,8 @@
 //! - `stream`: N concurrent chat streams opened at once; time to first token and how late every later chunk
 //!   arrives against the server's pacing, as JSON. A thousand streams need a thousand file descriptors: the
 //!   harness runs `ulimit -n 65536` first (loadgen warns when the soft limit is too low).
+//! - `send`: exactly N requests of one body over C kept-alive connections, closed loop; fails on any answer
+//!   but 200 (`bench/instructions.sh` counts the instructions they cost the server).
 //! - `smoke`: the CI overhead check. Closed-loop load straight to a `sheepdog mock` and through `sheepdog serve`
 //!   in alternating rounds; fails when sheepdog's added median latency exceeds `--max-ratio` times the direct
 //!   median, a ratio measured within one run, never an absolute time.
@@ -46,8 +48,29 @@ struct Cli {
 enum Cmd {
     /// Open N streaming chat requests at once; report TTFT and chunk lateness as JSON.
     Stream(StreamArgs),
+    /// Send exactly N requests of one body over C connections; fail on any answer but 200.
+    Send(SendArgs),
     /// CI overhead check: sheepdog's added p50 latency against a direct mock, as a ratio.
     Smoke(SmokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// URL to POST to, e.g. http://127.0.0.1:18180/v1/chat/completions.
+    #[arg(long)]
+    url: String,
+    /// Requests in all.
+    #[arg(long)]
+    requests: usize,
+    /// Concurrent kept-alive connections (closed loop).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// File holding the request body (JSON).
+    #[arg(long)]
+    body: PathBuf,
+    /// Extra request header `name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +135,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Stream(a) => stream_cmd(a).await,
+            Cmd::Send(a) => send_cmd(a).await,
             Cmd::Smoke(a) => until_signal(smoke_cmd(a)).await,
         }
     });
@@ -794,6 +818,31 @@ async fn closed_loop(target: &Target, body: &Bytes, connections: usize, duration
     let elapsed = started.elapsed();
     latencies_us.sort_by(f64::total_cmp);
     Phase { latencies_us, failures, first_failure, elapsed }
+}
+
+async fn send_cmd(a: SendArgs) -> Result<(), BoxError> {
+    let target = Target::parse(&a.url)?;
+    let headers = Arc::new(parse_headers(&a.headers)?);
+    let body = Bytes::from(std::fs::read(&a.body).map_err(|e| format!("{}: {e}", a.body.display()))?);
+    let left = Arc::new(AtomicUsize::new(a.requests));
+    let mut workers = Vec::new();
+    for _ in 0..a.connections.max(1) {
+        let mut sender = connect(&target.addr).await?;
+        let (target, headers, body, left) = (target.clone(), headers.clone(), body.clone(), left.clone());
+        workers.push(tokio::spawn(async move {
+            while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+                match exchange(&mut sender, target.request(Method::POST, &headers, body.clone())).await? {
+                    (StatusCode::OK, _) => {}
+                    (status, body) => return Err(format!("status {status}: {}", snippet(&body))),
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| format!("worker failed: {e}"))??;
+    }
+    Ok(())
 }
 
 /// The ~1 KB chat request of the benchmark harness (bench/run.sh).

@@ -85,7 +85,10 @@ impl Router {
             });
             let keywords = (!spec.keywords.is_empty()).then(|| {
                 let alts: Vec<String> = spec.keywords.iter().map(|k| regex::escape(k)).collect();
-                patterns.push(format!("(?i:{})", alts.join("|")));
+                // ASCII keywords ignore ASCII case only: Unicode case folding would add look-alikes (the Kelvin
+                // sign for `k`, the long s for `s`) that turn the set's literal prefilter into a slow automaton.
+                let flags = if spec.keywords.iter().all(|k| k.is_ascii()) { "i-u" } else { "i" };
+                patterns.push(format!("(?{flags}:{})", alts.join("|")));
                 patterns.len() - 1
             });
             if spec.default && default.is_none() {
@@ -261,6 +264,7 @@ mod tests {
             RuleSpec { has_tools: Some(true), ..rule("tools") },
             RuleSpec { regex: Some("(?i)python|rust".into()), ..rule("lang") },
             RuleSpec { keywords: vec!["Refund".into(), "a+b".into()], ..rule("billing") },
+            RuleSpec { keywords: vec!["Rückerstattung".into()], ..rule("billing-de") },
             RuleSpec { has_code: Some(true), ..rule("code") },
             RuleSpec { min_tokens: Some(50), ..rule("long") },
             RuleSpec { max_tokens: Some(3), ..rule("short") },
@@ -279,6 +283,7 @@ mod tests {
         assert_eq!(pick(&r, &req("How do I write RUST macros today")), Some("lang"));
         assert_eq!(pick(&r, &req("I want a REFUND for this order")), Some("billing"));
         assert_eq!(pick(&r, &req("is a+b ok here or not")), Some("billing"), "keywords are literal, not regex");
+        assert_eq!(pick(&r, &req("Bitte um RÜCKERSTATTUNG heute")), Some("billing-de"), "Unicode case too");
         assert_eq!(pick(&r, &req("fix this:\n```\nx = 1\n```")), Some("code"));
         assert_eq!(pick(&r, &req(&"word ".repeat(60))), Some("long"));
         assert_eq!(pick(&r, &req("hi there")), Some("short"));

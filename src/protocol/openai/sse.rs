@@ -23,7 +23,6 @@ pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
 static USAGE_KEY: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"\"usage\""));
 static DONE: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"[DONE]"));
-static USAGE_NULL: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"\"usage\":null"));
 
 /// What happens to one event on its way to the client.
 enum Edit {
@@ -156,8 +155,14 @@ impl SseScanner {
     fn events(&mut self, buf: Bytes) -> Bytes {
         // Past the first event, an ordinary chunk has neither `[DONE]` nor a usage object: two byte searches
         // over the whole frame, and no walk through its lines.
-        if self.first.is_some() && DONE.find(&buf).is_none() && USAGE_KEY.find(&buf).is_none() {
-            return buf;
+        // With usage forced on, every chunk carries `"usage":null`: taken out in the same pass that looks for a
+        // usage object, still without walking the lines.
+        if self.first.is_some() && DONE.find(&buf).is_none() {
+            match usage_members(&buf, self.hide_usage) {
+                Members::Nulls(None) => return buf,
+                Members::Nulls(Some(stripped)) => return Bytes::from(stripped),
+                Members::Object => {}
+            }
         }
         let (mut start, mut cut) = (0, buf.len());
         // Built only once an event is changed: what goes on, from the start of the frame.
@@ -215,8 +220,10 @@ impl SseScanner {
                             return Edit::Drop;
                         }
                     }
-                } else if self.hide_usage && USAGE_NULL.find(ev).is_some() {
-                    return Edit::Rewrite(without_usage_null(ev));
+                } else if self.hide_usage {
+                    if let Members::Nulls(Some(stripped)) = usage_members(ev, true) {
+                        return Edit::Rewrite(stripped);
+                    }
                 }
             }
         }
@@ -224,25 +231,47 @@ impl SseScanner {
     }
 }
 
-/// `ev` without its `"usage":null` members (with the comma that separated each from its neighbour).
-fn without_usage_null(ev: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ev.len());
+/// The `"usage"` members of some bytes of a stream, in one pass.
+enum Members {
+    /// None, or only `"usage":null`: with `strip`, the bytes without them (`None` when nothing was taken out).
+    Nulls(Option<Vec<u8>>),
+    /// A usage object is there (it has to be read).
+    Object,
+}
+
+/// Looks at every `"usage"` key of `buf`: a usage object stops the search; with `strip`, each exact
+/// `"usage":null` is taken out with the comma that separated it from its neighbour. (A `"usage"` inside a
+/// JSON string is escaped, `\"usage\"`, so it never matches.)
+fn usage_members(buf: &[u8], strip: bool) -> Members {
+    const NULL: &[u8] = b":null";
+    let mut out: Option<Vec<u8>> = None;
     let mut at = 0;
-    for i in USAGE_NULL.find_iter(ev) {
-        let (mut from, mut to) = (i, i + b"\"usage\":null".len());
-        if from > at && ev[from - 1] == b',' {
+    for i in USAGE_KEY.find_iter(buf) {
+        let after = &buf[i + 7..];
+        let Some(value) = after.trim_ascii_start().strip_prefix(b":") else { continue };
+        if value.trim_ascii_start().first() == Some(&b'{') {
+            return Members::Object;
+        }
+        if !strip || !after.starts_with(NULL) {
+            continue;
+        }
+        let (mut from, mut to) = (i, i + 7 + NULL.len());
+        if from > at && buf[from - 1] == b',' {
             from -= 1;
-        } else if ev.get(to) == Some(&b',') {
+        } else if buf.get(to) == Some(&b',') {
             to += 1;
         }
         if from < at {
             continue;
         }
-        out.extend_from_slice(&ev[at..from]);
+        let o = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
+        o.extend_from_slice(&buf[at..from]);
         at = to;
     }
-    out.extend_from_slice(&ev[at..]);
-    out
+    if let Some(o) = &mut out {
+        o.extend_from_slice(&buf[at..]);
+    }
+    Members::Nulls(out)
 }
 
 /// What a stream's first data payload is.
@@ -386,6 +415,25 @@ data: [DONE]\n\n";
         let mut s = SseScanner::hiding_usage();
         assert_eq!(&s.feed(Bytes::from_static(mixed)).out[..], &mixed[..]);
         assert_eq!(s.usage(), Some(Tokens::new(1, 2)));
+    }
+
+    #[test]
+    fn usage_null_is_taken_out_with_its_comma_wherever_it_stands() {
+        let strip = |b: &str| match usage_members(b.as_bytes(), true) {
+            Members::Nulls(o) => o.map(|v| String::from_utf8(v).unwrap()),
+            Members::Object => Some("object".into()),
+        };
+        assert_eq!(strip(r#"{"a":1,"usage":null}"#).as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(strip(r#"{"usage":null,"a":1}"#).as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(strip(r#"{"usage":null}"#).as_deref(), Some("{}"));
+        assert_eq!(
+            strip("data: {\"a\":1,\"usage\":null}\n\ndata: {\"usage\":null,\"b\":2}\n\n").as_deref(),
+            Some("data: {\"a\":1}\n\ndata: {\"b\":2}\n\n")
+        );
+        assert_eq!(strip(r#"{"c":"say \"usage\":null"}"#), None, "text inside a string stays");
+        assert_eq!(strip(r#"{"a":1}"#), None);
+        assert_eq!(strip(r#"{"usage":null,"x":{"usage": {"prompt_tokens":1}}}"#).as_deref(), Some("object"));
+        assert!(matches!(usage_members(br#"{"usage":null}"#, false), Members::Nulls(None)));
     }
 
     #[test]
