@@ -188,3 +188,37 @@ async fn every_stream_is_costed_and_the_client_sees_what_it_asked_for() {
     let stats = get(&gw.url("/api/stats?since=1h")).await.json();
     assert!((stats["total"]["estimated_share"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9, "{stats}");
 }
+
+#[tokio::test]
+async fn a_json_answer_without_usage_is_counted_by_the_gateway_and_marked_estimated() {
+    let up = TestUpstream::start(|_| {
+        Canned::json(
+            200,
+            r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello, world!"},"finish_reason":"stop"}]}"#,
+        )
+    });
+    let cfg = quiet_config(&[("bare", up.addr, "models = [\"local\"]")], &model("local", ""), "")
+        .replace("[health]\n", "[health]\nprobe = \"models\"\n");
+    let gw = gateway(&cfg, &[]);
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        r#"{"model":"local","messages":[{"role":"user","content":"Hello, world!"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("usage").is_none(), "the answer is passed on as it came: {}", r.text());
+    let db = gw.dir.path().join("sheepdog.db");
+    eventually(Duration::from_secs(10), "the row", || async {
+        open_read(&db).and_then(|c| read_since(&c, 0)).map(|r| !r.is_empty()).unwrap_or(false)
+    })
+    .await;
+    let rows = read_since(&open_read(&db).unwrap(), 0).unwrap();
+    // o200k_base: "Hello, world!" is 4 tokens; the prompt adds 3 per message and 3 for the reply.
+    assert_eq!(
+        (rows[0].prompt_tokens, rows[0].completion_tokens, rows[0].estimated),
+        (Some(10), Some(4), true),
+        "{rows:?}"
+    );
+    let want = (10.0 * 2.0 + 4.0 * 8.0) / 1e6;
+    assert!((rows[0].cost_usd.unwrap() - want).abs() < 1e-12, "{:?}", rows[0].cost_usd);
+}

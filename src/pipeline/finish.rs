@@ -254,6 +254,15 @@ impl Finish {
         self.usage(Tokens::new(prompt, completion));
     }
 
+    /// A whole chat answer came without usage: the gateway counts its prompt (`request`) and completion
+    /// (`answer`) tokens, marked as estimated in the request log.
+    pub fn estimated_answer_usage(&mut self, request: &[u8], answer: &[u8]) {
+        let completion = crate::protocol::openai::content::estimate_answer_completion(answer);
+        let prompt = crate::protocol::openai::content::estimate_prompt(request);
+        self.entry.estimated = true;
+        self.usage(Tokens::new(prompt, completion));
+    }
+
     /// The gateway answered with a static fallback for `model` instead of an upstream.
     pub fn static_fallback(&mut self, model: &str) {
         self.entry.served_model = Some(model.to_string());

@@ -183,10 +183,13 @@ where
     };
     // relay
     match answer {
-        Answer::Whole { mut parts, body, usage } => {
+        Answer::Whole { mut parts, body: answer, usage } => {
             headers(&mut parts.headers);
             fin.served(served(usage));
-            Ok(Reply::Whole(Response::from_parts(parts, Body::full(body))))
+            if usage.is_none() && api == Api::Chat && parts.status.is_success() {
+                fin.estimated_answer_usage(&body, &answer);
+            }
+            Ok(Reply::Whole(Response::from_parts(parts, Body::full(answer))))
         }
         Answer::Stream { mut parts, open, start } => {
             headers(&mut parts.headers);

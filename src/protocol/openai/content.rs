@@ -127,6 +127,41 @@ struct FunctionDelta<'a> {
     arguments: Option<Cow<'a, str>>,
 }
 
+#[derive(Deserialize)]
+struct AnswerChoices<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<AnswerChoice<'a>>,
+}
+
+#[derive(Deserialize)]
+struct AnswerChoice<'a> {
+    #[serde(borrow, default)]
+    message: Option<Delta<'a>>,
+}
+
+/// The text a chat message or a stream delta carries: content, reasoning, tool-call names and arguments.
+fn push_text(d: Delta<'_>, text: &mut String) {
+    for part in [d.content, d.reasoning_content].into_iter().flatten() {
+        text.push_str(&part);
+    }
+    for f in d.tool_calls.into_iter().flatten().filter_map(|t| t.function) {
+        for part in [f.name, f.arguments].into_iter().flatten() {
+            text.push_str(&part);
+        }
+    }
+}
+
+/// Completion tokens of a chat completion that came without `usage`: the text of every choice's message,
+/// counted once in the encoding (0 when the body is not a chat completion).
+pub fn estimate_answer_completion(answer: &[u8]) -> u64 {
+    let Ok(a) = serde_json::from_slice::<AnswerChoices>(answer) else { return 0 };
+    let mut text = String::new();
+    for m in a.choices.into_iter().filter_map(|c| c.message) {
+        push_text(m, &mut text);
+    }
+    tokens::count(&text)
+}
+
 /// Completion tokens of a relayed SSE stream (its frames as the client got them): the text of every delta —
 /// content, reasoning, tool-call names and arguments — joined and counted once in the encoding.
 pub fn estimate_stream_completion(frames: &[bytes::Bytes]) -> u64 {
@@ -140,14 +175,7 @@ pub fn estimate_stream_completion(frames: &[bytes::Bytes]) -> u64 {
         let Some(data) = line.strip_prefix(b"data:") else { continue };
         let Ok(c) = serde_json::from_slice::<ChunkChoices>(data.trim_ascii()) else { continue };
         for d in c.choices.into_iter().filter_map(|c| c.delta) {
-            for part in [d.content, d.reasoning_content].into_iter().flatten() {
-                text.push_str(&part);
-            }
-            for f in d.tool_calls.into_iter().flatten().filter_map(|t| t.function) {
-                for part in [f.name, f.arguments].into_iter().flatten() {
-                    text.push_str(&part);
-                }
-            }
+            push_text(d, &mut text);
         }
     }
     tokens::count(&text)
