@@ -91,6 +91,8 @@ pub struct RequestLog {
     dropped: IntCounter,
     /// Rows queued and not yet written (or dropped).
     depth: IntGauge,
+    /// Rows that may wait unwritten (`[log] queue_capacity`).
+    capacity: i64,
     /// Last time (s since `opened`, plus one) a drop was reported, to report at most one a minute.
     warned_s: AtomicU64,
     opened: Instant,
@@ -106,6 +108,7 @@ impl RequestLog {
             closing: Arc::new(AtomicBool::new(false)),
             dropped: metrics.log_dropped.clone(),
             depth: metrics.log_queue_depth.clone(),
+            capacity: 0,
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
             source: None,
@@ -148,6 +151,7 @@ impl RequestLog {
             closing,
             dropped: metrics.log_dropped.clone(),
             depth: metrics.log_queue_depth.clone(),
+            capacity: cfg.queue_capacity as i64,
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
             source: Some(source),
@@ -159,9 +163,14 @@ impl RequestLog {
         self.source.as_ref()
     }
 
-    /// Queue an entry for writing; never blocks. A full queue drops it (counted, and reported once a minute).
+    /// Queue an entry for writing; never blocks. When `queue_capacity` rows already wait unwritten (in the
+    /// queue or in the writer's batch), it is dropped (counted, and reported once a minute).
     pub fn record(&self, e: Entry) {
         let Some(tx) = &self.tx else { return };
+        if self.depth.get() >= self.capacity {
+            self.depth.inc();
+            return self.lost("the request log's queue is full: the database does not keep up or is unreachable");
+        }
         self.depth.inc();
         match tx.try_send(Box::new(e)) {
             Ok(()) => {}
