@@ -528,4 +528,18 @@ mod tests {
         assert!(e.to_string().contains("schema version 99"), "{e}");
         drop_schema(&base, &url);
     }
+
+    #[test]
+    fn rows_older_than_the_retention_are_pruned() {
+        let Some((url, base)) = test_db() else { return };
+        let mut sink = PgSink::open(&url).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let old = |i| Box::new(Entry { ts_ms: 1_000 + i as i64, ..*entry(i) });
+        let batch: Vec<Box<Entry>> = (0..3).map(old).chain((3..5).map(entry)).collect();
+        assert!(matches!(sink.write(&batch, deadline), Written::Stored));
+        sink.prune(Duration::from_secs(3600));
+        let rows = read_since(&url, 0).unwrap();
+        assert_eq!(rows.iter().map(|r| r.request_id.unwrap().0).collect::<Vec<_>>(), vec![3, 4]);
+        drop_schema(&base, &url);
+    }
 }
