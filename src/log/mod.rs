@@ -274,6 +274,8 @@ fn write_loop(
         let now = Instant::now();
         if close_by.is_none() && closing.load(Ordering::Acquire) {
             close_by = Some(now + CLOSE_DEADLINE);
+            // Try again at once rather than at the end of the current backoff.
+            retry_at = None;
         }
         if !retention.is_zero() && now >= next_prune && failing_since.is_none() && close_by.is_none() {
             sink.prune(retention);
