@@ -184,20 +184,13 @@ fn resume_budgets(rt: &Runtime, log: &RequestLog) {
     if rt.budgets.is_empty() {
         return;
     }
-    let Some(path) = log.path() else {
+    let Some(source) = log.source() else {
         tracing::warn!("budgets start from zero: the request log is off, so spend does not survive a restart");
         return;
     };
-    let conn = match crate::log::open_read(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "budgets start from zero: the request log could not be read");
-            return;
-        }
-    };
     crate::state::budgets::resume(&rt.budgets, crate::clock::unix_ms(), |since| {
-        crate::log::spend_since(&conn, since).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "budget spend could not be read from the request log");
+        source.spend_since(since).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, log = %source, "budget spend could not be read from the request log");
             Vec::new()
         })
     });

@@ -78,9 +78,12 @@ struct DrillArgs {
 
 #[derive(Args, Debug)]
 struct ReportArgs {
-    /// The request log (`[log] path` of the gateway's config).
-    #[arg(long, default_value = crate::config::DEFAULT_LOG_PATH)]
-    db: PathBuf,
+    /// The gateway's config: its `[log]` is the default for `--db` (default: ./sheepdog.toml if it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The request log: a SQLite file or a postgres:// URL (default: the config's `[log]`, else sheepdog.db).
+    #[arg(long)]
+    db: Option<String>,
     /// The window: requests that arrived this long ago or later (e.g. 15m, 24h, 7d).
     #[arg(long, default_value = "24h")]
     since: String,
@@ -198,7 +201,14 @@ fn report(a: &ReportArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match crate::report::run(&a.db, since, a.format, a.charts.as_deref()) {
+    let db = match report_source(a) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match crate::report::run(&db, since, a.format, a.charts.as_deref()) {
         Ok(text) => {
             use std::io::Write;
             let _ = std::io::stdout().lock().write_all(text.as_bytes());
@@ -208,6 +218,18 @@ fn report(a: &ReportArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// The log `sheepdog report` reads: `--db`, else the `[log]` of `--config` (or of ./sheepdog.toml), else
+/// `sheepdog.db`.
+fn report_source(a: &ReportArgs) -> Result<crate::log::Source, String> {
+    if let Some(db) = &a.db {
+        return crate::log::Source::parse(db).map_err(|e| format!("--db: {e}"));
+    }
+    match config::locate(a.config.as_deref()) {
+        Some(path) => config::load_file(&path).map(|c| crate::log::Source::of(&c.log)).map_err(|e| e.to_string()),
+        None => Ok(crate::log::Source::Sqlite(PathBuf::from(config::DEFAULT_LOG_PATH))),
     }
 }
 
@@ -308,8 +330,8 @@ async fn serve(a: ServeArgs) -> ExitCode {
     println!("  status     {base}/status");
     println!("  metrics    {base}/metrics");
     println!("  dashboard  {base}/dashboard");
-    if let Some(p) = gw.log.path() {
-        println!("  log        {} (sheepdog report --db {})", p.display(), p.display());
+    if let Some(source) = gw.log.source() {
+        println!("  log        {source} (sheepdog report --db {source})");
     }
     if demo.is_some() {
         println!(

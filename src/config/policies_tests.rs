@@ -53,7 +53,7 @@ fn defaults_of_the_new_keys() {
     assert_eq!(c.server.client_timeout, Duration::from_secs(30));
     assert_eq!(c.server.max_concurrent_requests, 10_000);
     assert_eq!(c.server.max_stream_duration, Duration::from_secs(1800));
-    assert_eq!((c.log.url.as_deref(), c.log.bodies), (None, false));
+    assert_eq!((c.log.url.as_ref(), c.log.bodies), (None, false));
     assert_eq!(c.state, StateConfig::default());
     assert!(c.budgets.is_empty() && c.routes.is_empty() && c.clients.is_empty());
 }
@@ -172,10 +172,17 @@ fn server_log_and_state_keys() {
     assert!(c.server.allow_anonymous);
     assert_eq!((c.server.client_timeout, c.server.max_concurrent_requests), (Duration::from_secs(5), 7));
     assert_eq!(c.server.max_stream_duration, Duration::from_secs(60));
-    assert_eq!((c.log.url.as_deref(), c.log.bodies), (Some("postgres://127.0.0.1:5432/test"), true));
+    assert_eq!((c.log.url.as_ref().map(|u| u.expose()), c.log.bodies), (Some("postgres://127.0.0.1:5432/test"), true));
     assert_eq!((c.state.backend, c.state.redis_url.as_str()), (StateBackend::Redis, "redis://10.0.0.1:6379"));
     assert_eq!(err("[log]\nurl = \"mysql://x\"\n").key, "log.url");
-    assert!(err("[log]\npath = \"a.db\"\nurl = \"postgres://x/y\"\n").message.contains("either"));
+    let both = err("[log]\npath = \"a.db\"\nurl = \"postgres://x/y\"\n");
+    assert!(both.message.contains("either") && both.line.is_some(), "{both:?}");
+    let secret = err("[log]\nurl = \"postgres://u:hunter2@db:notaport/x\"\n");
+    assert_eq!(secret.key, "log.url");
+    assert!(!secret.to_string().contains("hunter2"), "{secret}");
+    assert_eq!(ok("[log]\nqueue_capacity = 10\n").log.queue_capacity, 10);
+    assert_eq!(ok("").log.queue_capacity, crate::config::DEFAULT_LOG_QUEUE_CAPACITY);
+    assert_eq!(err("[log]\nqueue_capacity = 0\n").key, "log.queue_capacity");
     assert_eq!(err("[state]\nbackend = \"etcd\"\n").key, "state.backend");
     assert_eq!(err("[state]\nredis_url = \"http://x\"\n").key, "state.redis_url");
     assert_eq!(err("[server]\nclient_timeout = \"0s\"\n").key, "server.client_timeout");

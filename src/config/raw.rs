@@ -91,6 +91,7 @@ pub(super) struct RawLog {
     pub(super) retention: Option<S>,
     pub(super) url: Option<S>,
     pub(super) bodies: Option<bool>,
+    pub(super) queue_capacity: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

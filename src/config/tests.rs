@@ -156,7 +156,8 @@ fn request_log_settings() {
             path: "sheepdog.db".into(),
             retention: Duration::from_secs(7 * 86_400),
             url: None,
-            bodies: false
+            bodies: false,
+            queue_capacity: 65_536,
         }
     );
     let c = parse(
@@ -172,7 +173,8 @@ fn request_log_settings() {
             path: "logs/127.0.0.1.db".into(),
             retention: Duration::ZERO,
             url: None,
-            bodies: false
+            bodies: false,
+            queue_capacity: 65_536,
         }
     );
     let e = parse_err(&format!("[log]\npath = \"\"\n{GOOD}"));

@@ -176,25 +176,35 @@ impl Validator<'_> {
         };
 
         let l = &raw.log;
+        let url = match &l.url {
+            Some(s) => {
+                let u = self.string(s, "log.url")?;
+                let url = PgUrl::parse(&u).map_err(|m| self.err(Some(s.span()), "log.url", &m))?;
+                if l.path.is_some() {
+                    return Err(self.err(
+                        Some(s.span()),
+                        "log.url",
+                        "set either log.path (SQLite) or log.url (PostgreSQL)",
+                    ));
+                }
+                Some(url)
+            }
+            None => None,
+        };
         let log = LogConfig {
             enabled: l.enabled.unwrap_or(true),
             path: PathBuf::from(self.opt_string(&l.path, "log.path", DEFAULT_LOG_PATH)?),
             retention: self.duration(&l.retention, "log.retention", Duration::from_secs(7 * 86_400))?,
-            url: l.url.as_ref().map(|u| self.string(u, "log.url")).transpose()?,
+            url,
             bodies: l.bodies.unwrap_or(false),
+            queue_capacity: self.int(
+                &l.queue_capacity,
+                "log.queue_capacity",
+                DEFAULT_LOG_QUEUE_CAPACITY as i64,
+                1,
+                10_000_000,
+            )? as usize,
         };
-        if let (Some(u), Some(s)) = (&log.url, &l.url) {
-            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                return Err(self.err(Some(s.span()), "log.url", "must be a postgres:// URL"));
-            }
-            if l.path.is_some() {
-                return Err(self.err(
-                    Some(s.span()),
-                    "log.url",
-                    "set either log.path (SQLite) or log.url (PostgreSQL)",
-                ));
-            }
-        }
         if let Some(p) = &l.path {
             if log.path.as_os_str().is_empty() {
                 return Err(self.err(

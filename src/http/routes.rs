@@ -124,7 +124,7 @@ async fn api_stats(gw: &Gateway, query: &str) -> Response<Body> {
             _ => {}
         }
     }
-    let Some(path) = gw.log.path().map(|p| p.to_path_buf()) else {
+    let Some(source) = gw.log.source().cloned() else {
         return error_response(&ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -151,16 +151,19 @@ async fn api_stats(gw: &Gateway, query: &str) -> Response<Body> {
     let read = tokio::task::spawn_blocking(move || {
         let now = crate::clock::unix_ms();
         let since_ms = now - since.as_millis() as i64;
-        let mut rows = crate::log::open_read(&path).and_then(|c| crate::log::read_since(&c, since_ms))?;
+        let mut rows = source.read_since(since_ms)?;
         if let Some(m) = &model {
             rows.retain(|r| &r.model == m);
         }
-        Ok::<_, rusqlite::Error>(crate::report::api::stats(
+        Ok::<_, crate::log::ReadError>(crate::report::api::stats(
             &crate::report::aggregate(&rows, since_ms, now + 1),
             budgets,
         ))
     })
     .await;
+    if let Ok(Err(e)) = &read {
+        tracing::warn!(error = %e, "/api/stats: the request log could not be read");
+    }
     match read {
         Ok(Ok(doc)) => json(StatusCode::OK, &doc),
         _ => error_response(&ApiError::new(

@@ -1,45 +1,61 @@
-//! The persistent request log: one row per answered client request in a SQLite file (`[log]`), read by
-//! `sheepdog report`.
+//! The persistent request log: one row per answered client request in a SQLite file (`[log] path`) or a
+//! PostgreSQL table (`[log] url`), read by `sheepdog report`, `/api/stats` and the budgets at start
+//! ([`Source`]).
 //!
 //! The request path only hands a finished [`Entry`] to a bounded queue ([`RequestLog::record`] never blocks and
-//! never touches the disk); one writer thread drains the queue in batches, one transaction per batch, and prunes
-//! rows older than the retention. A full queue or a failed write is counted in
-//! `sheepdog_request_log_dropped_total`, never waited for; `sheepdog_request_log_queue_depth` is what waits. [`RequestLog::close`] writes what is queued and stops
-//! the writer: the server calls it after draining connections, so answered requests survive a graceful shutdown.
+//! never touches the disk or the network); one writer thread drains the queue in batches (at most
+//! [`MAX_BATCH`] rows, one transaction each) through a [`Sink`] and prunes rows older than the retention. A
+//! full queue, or a batch the database refuses for good, is counted in `sheepdog_request_log_dropped_total`,
+//! never waited for; a batch PostgreSQL cannot take now stays with the writer and is tried again with backoff
+//! while the queue fills. `sheepdog_request_log_queue_depth` counts the rows not yet written.
+//! [`RequestLog::close`] writes what is queued (within [`CLOSE_DEADLINE`]) and stops the writer: the server
+//! calls it after draining connections, so answered requests survive a graceful shutdown.
 //! Knows nothing of HTTP or routing; holds no API key (entries carry names and numbers only).
 
 mod entry;
+mod postgres;
+mod source;
 mod sqlite;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
-use rusqlite::Connection;
 
 pub use entry::{Entry, RequestId};
+pub use source::{ReadError, Source};
 pub use sqlite::{open_read, read_since, spend_since, Spend};
 
 use crate::config::LogConfig;
 use crate::metrics::Metrics;
 
-/// Entries the queue holds before new ones are dropped (about 20 s of traffic at 3,000 requests/s).
-pub const QUEUE_CAPACITY: usize = 65_536;
+/// Entries the queue holds by default before new ones are dropped (`[log] queue_capacity`; about 20 s of
+/// traffic at 3,000 requests/s).
+pub const QUEUE_CAPACITY: usize = crate::config::DEFAULT_LOG_QUEUE_CAPACITY;
 
 /// How often the writer wakes to write what was queued, in one transaction.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
 
+/// Rows written in one transaction (one statement for PostgreSQL) at most.
+const MAX_BATCH: usize = 5_000;
+
 /// How often rows older than the retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How long [`RequestLog::close`] keeps trying to write what is queued when the database does not take it.
+pub const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long one write may take outside of a shutdown before it counts as failed (and is tried again).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The writer thread's nice value (see [`lower_priority`]).
 const WRITER_NICE: libc::c_int = 10;
 
-/// Why the request log could not be opened: the file, or the writer thread.
+/// Why the request log could not be opened: the file or database, or the writer thread.
 #[derive(Debug, thiserror::Error)]
 #[error("request log {path}: {source}")]
 pub struct OpenError {
@@ -47,22 +63,40 @@ pub struct OpenError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-enum Msg {
-    Row(Box<Entry>),
-    Close,
+/// What became of a batch handed to a [`Sink`].
+pub(crate) enum Written {
+    /// Every row is stored.
+    Stored,
+    /// The rows were refused for good (a broken file, rows the database rejects): they are dropped, counted.
+    Refused(String),
+    /// Not written now (the database is unreachable): the writer keeps the rows and tries again later.
+    Retry(String),
+}
+
+/// Where the writer thread puts rows: the SQLite file or PostgreSQL.
+pub(crate) trait Sink {
+    /// Write `rows` in one transaction, giving up at `deadline`.
+    fn write(&mut self, rows: &[Box<Entry>], deadline: Instant) -> Written;
+    /// Delete rows older than `retention`.
+    fn prune(&mut self, retention: Duration);
+    /// What to call the rows' destination in log lines.
+    fn name(&self) -> &'static str;
 }
 
 /// The handle the gateway holds: a queue to the writer thread (or nothing, when the log is off).
 pub struct RequestLog {
-    tx: Option<SyncSender<Msg>>,
+    tx: Option<SyncSender<Box<Entry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    closing: Arc<AtomicBool>,
     dropped: IntCounter,
-    /// Rows queued and not yet taken by the writer.
+    /// Rows queued and not yet written (or dropped).
     depth: IntGauge,
+    /// Rows that may wait unwritten (`[log] queue_capacity`).
+    capacity: i64,
     /// Last time (s since `opened`, plus one) a drop was reported, to report at most one a minute.
     warned_s: AtomicU64,
     opened: Instant,
-    path: Option<PathBuf>,
+    source: Option<Source>,
 }
 
 impl RequestLog {
@@ -71,60 +105,78 @@ impl RequestLog {
         RequestLog {
             tx: None,
             writer: Mutex::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
             dropped: metrics.log_dropped.clone(),
             depth: metrics.log_queue_depth.clone(),
+            capacity: 0,
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
-            path: None,
+            source: None,
         }
     }
 
-    /// Open (or create) the SQLite file of `cfg` and start the writer; disabled when `cfg.enabled` is false.
+    /// Open (or create) the SQLite file or the PostgreSQL table of `cfg` and start the writer; disabled when
+    /// `cfg.enabled` is false. An unreachable PostgreSQL is no error: rows wait in the queue until it answers.
     pub fn open(cfg: &LogConfig, metrics: &Metrics) -> Result<RequestLog, OpenError> {
         if !cfg.enabled {
             return Ok(RequestLog::disabled(metrics));
         }
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| OpenError {
-            path: cfg.path.display().to_string(),
-            source,
+        let source = Source::of(cfg);
+        let err =
+            |source: Box<dyn std::error::Error + Send + Sync>| OpenError { path: Source::of(cfg).to_string(), source };
+        let sink: Box<dyn Sink + Send> = match &source {
+            Source::Sqlite(path) => Box::new(sqlite::SqliteSink::open(path).map_err(|e| err(e.into()))?),
+            Source::Postgres(url) => Box::new(postgres::PgSink::open(url).map_err(|e| err(e.into()))?),
         };
-        let conn = sqlite::open_db(&cfg.path).map_err(|e| err(e.into()))?;
-        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
-        let written = metrics.log_written.clone();
-        let dropped = metrics.log_dropped.clone();
+        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);
+        let counters = Counters {
+            written: metrics.log_written.clone(),
+            dropped: metrics.log_dropped.clone(),
+            depth: metrics.log_queue_depth.clone(),
+        };
         let retention = cfg.retention;
-        let depth = metrics.log_queue_depth.clone();
-        metrics.log_queue_capacity.set(QUEUE_CAPACITY as i64);
+        metrics.log_queue_capacity.set(cfg.queue_capacity as i64);
+        let closing = Arc::new(AtomicBool::new(false));
+        let closing2 = closing.clone();
         let writer = std::thread::Builder::new()
             .name("sheepdog-log".into())
             .spawn(move || {
                 lower_priority();
-                write_loop(conn, rx, (written, dropped, depth), retention)
+                write_loop(sink, rx, counters, retention, &closing2)
             })
             .map_err(|e| err(e.into()))?;
         Ok(RequestLog {
             tx: Some(tx),
             writer: Mutex::new(Some(writer)),
+            closing,
             dropped: metrics.log_dropped.clone(),
             depth: metrics.log_queue_depth.clone(),
+            capacity: cfg.queue_capacity as i64,
             warned_s: AtomicU64::new(0),
             opened: Instant::now(),
-            path: Some(cfg.path.clone()),
+            source: Some(source),
         })
     }
 
-    /// The file rows go to, when the log is on.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+    /// Where rows go, when the log is on.
+    pub fn source(&self) -> Option<&Source> {
+        self.source.as_ref()
     }
 
-    /// Queue an entry for writing; never blocks. A full queue drops it (counted, and reported once a minute).
+    /// Queue an entry for writing; never blocks. When `queue_capacity` rows already wait unwritten (in the
+    /// queue or in the writer's batch), it is dropped (counted, and reported once a minute).
     pub fn record(&self, e: Entry) {
         let Some(tx) = &self.tx else { return };
+        if self.depth.get() >= self.capacity {
+            self.depth.inc();
+            return self.lost("the request log's queue is full: the database does not keep up or is unreachable");
+        }
         self.depth.inc();
-        match tx.try_send(Msg::Row(Box::new(e))) {
+        match tx.try_send(Box::new(e)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.lost("the request log's queue is full: the disk is too slow"),
+            Err(TrySendError::Full(_)) => {
+                self.lost("the request log's queue is full: the database does not keep up or is unreachable")
+            }
             Err(TrySendError::Disconnected(_)) => self.lost("the request log is closed"),
         }
     }
@@ -141,13 +193,12 @@ impl RequestLog {
         }
     }
 
-    /// Write everything queued so far and stop the writer (blocks until it is done). Later entries are dropped.
+    /// Write everything queued so far (trying for at most [`CLOSE_DEADLINE`] when the database does not take
+    /// it, then saying in one line how many rows were lost) and stop the writer; blocks until it is done.
+    /// Later entries are dropped.
     pub fn close(&self) {
         let Some(writer) = self.writer.lock().take() else { return };
-        if let Some(tx) = &self.tx {
-            // Blocking send: at shutdown the writer is draining the queue, so room appears.
-            let _ = tx.send(Msg::Close);
-        }
+        self.closing.store(true, Ordering::Release);
         writer.thread().unpark();
         if writer.join().is_err() {
             tracing::error!("the request log writer panicked");
@@ -177,52 +228,158 @@ fn lower_priority() {
     }
 }
 
-/// The writer: `counters` are rows written, rows dropped, and the queue's depth.
+/// The writer's metrics.
+struct Counters {
+    written: IntCounter,
+    dropped: IntCounter,
+    /// Rows queued and not yet written or dropped.
+    depth: IntGauge,
+}
+
+/// Waits between attempts to write while the database does not answer: 200 ms, doubling, up to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+}
+
+/// The writer: takes rows off the queue in batches of at most [`MAX_BATCH`] and hands them to `sink`. A batch
+/// the sink cannot write now is kept (the rest wait in the queue) and tried again with backoff; at `closing`,
+/// what is queued is written within [`CLOSE_DEADLINE`].
 fn write_loop(
-    mut conn: Connection,
-    rx: Receiver<Msg>,
-    counters: (IntCounter, IntCounter, IntGauge),
+    mut sink: Box<dyn Sink + Send>,
+    rx: Receiver<Box<Entry>>,
+    c: Counters,
     retention: Duration,
+    closing: &AtomicBool,
 ) {
-    let (written, dropped, depth) = counters;
     let mut batch: Vec<Box<Entry>> = Vec::with_capacity(1024);
-    let mut next_prune = Instant::now();
+    if !retention.is_zero() {
+        sink.prune(retention);
+    }
+    let mut next_prune = Instant::now() + PRUNE_EVERY;
+    let mut backoff = Backoff(Backoff::FIRST);
+    let mut retry_at: Option<Instant> = None;
+    let mut failing_since: Option<Instant> = None;
+    let mut close_by: Option<Instant> = None;
+    let mut written_at_close = 0u64;
     loop {
-        if !retention.is_zero() && Instant::now() >= next_prune {
-            sqlite::prune(&conn, retention);
+        let now = Instant::now();
+        if close_by.is_none() && closing.load(Ordering::Acquire) {
+            close_by = Some(now + CLOSE_DEADLINE);
+            // Try again at once rather than at the end of the current backoff.
+            retry_at = None;
+        }
+        if !retention.is_zero() && now >= next_prune && failing_since.is_none() && close_by.is_none() {
+            sink.prune(retention);
             next_prune = Instant::now() + PRUNE_EVERY;
+        }
+        let mut disconnected = false;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        let more = batch.len() >= MAX_BATCH;
+        if !batch.is_empty() && retry_at.is_none_or(|t| now >= t) {
+            let n = batch.len() as u64;
+            match sink.write(&batch, close_by.unwrap_or_else(|| Instant::now() + WRITE_TIMEOUT)) {
+                Written::Stored => {
+                    c.written.inc_by(n);
+                    c.depth.sub(n as i64);
+                    if close_by.is_some() {
+                        written_at_close += n;
+                    }
+                    batch.clear();
+                    retry_at = None;
+                    backoff = Backoff(Backoff::FIRST);
+                    if let Some(since) = failing_since.take() {
+                        tracing::warn!(
+                            down_s = since.elapsed().as_secs(),
+                            waiting = c.depth.get(),
+                            "request log: {} takes rows again",
+                            sink.name()
+                        );
+                    }
+                }
+                Written::Refused(e) => {
+                    c.dropped.inc_by(n);
+                    c.depth.sub(n as i64);
+                    tracing::error!(error = %e, rows = n, "cannot write to the request log");
+                    batch.clear();
+                }
+                Written::Retry(e) => {
+                    let wait = backoff.next();
+                    retry_at = Some(Instant::now() + wait);
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(error = %e, waiting = c.depth.get(),
+                            "request log: cannot write to {}; rows wait in the queue and are tried again",
+                            sink.name());
+                    } else {
+                        tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "request log: still failing");
+                    }
+                }
+            }
+        }
+        if let Some(by) = close_by {
+            let done = batch.is_empty() && !more;
+            if done || disconnected && batch.is_empty() {
+                break;
+            }
+            if Instant::now() >= by {
+                break;
+            }
+        } else if disconnected && batch.is_empty() {
+            break;
+        }
+        if more && retry_at.is_none() {
+            continue;
         }
         // Wake on a timer, never on a row: the writer is never blocked in `recv`, so queueing a row costs the
         // request path no wake-up (no futex call, no context switch). `close` unparks it early.
-        std::thread::park_timeout(BATCH_WINDOW);
-        let mut closing = false;
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Row(e)) => {
-                    depth.dec();
-                    batch.push(e)
-                }
-                Ok(Msg::Close) => closing = true,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closing = true;
-                    break;
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
+        let now = Instant::now();
+        let mut wake = now + if close_by.is_some() { Duration::ZERO } else { BATCH_WINDOW };
+        if let Some(t) = retry_at {
+            wake = wake.max(t);
         }
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            match sqlite::write_batch(&mut conn, &batch) {
-                Ok(()) => written.inc_by(n),
-                Err(e) => {
-                    dropped.inc_by(n);
-                    tracing::error!(error = %e, rows = n, "cannot write to the request log");
-                }
-            }
-            batch.clear();
+        if let Some(by) = close_by {
+            wake = wake.min(by);
         }
-        if closing {
-            return;
+        std::thread::park_timeout(wake.saturating_duration_since(now));
+    }
+    // What is still here could not be written in time (or arrived after the close).
+    let mut lost = batch.len() as u64;
+    drop(batch);
+    while rx.try_recv().is_ok() {
+        lost += 1;
+    }
+    drop(rx);
+    c.dropped.inc_by(lost);
+    c.depth.sub(lost as i64);
+    if close_by.is_some() {
+        if lost > 0 {
+            tracing::error!(
+                written = written_at_close,
+                lost,
+                "request log closed: {lost} rows could not be written to {} within {} s",
+                sink.name(),
+                CLOSE_DEADLINE.as_secs()
+            );
+        } else {
+            tracing::info!(written = written_at_close, "request log closed: every queued row written");
         }
     }
 }
@@ -232,6 +389,8 @@ mod tests {
     use super::sqlite::{first_id_from, open_read, read_since};
     use super::*;
     use crate::clock::unix_ms;
+    use rusqlite::Connection;
+    use std::path::Path;
 
     fn entry(i: i64) -> Entry {
         Entry {
@@ -251,7 +410,14 @@ mod tests {
     }
 
     fn cfg(dir: &Path) -> LogConfig {
-        LogConfig { enabled: true, path: dir.join("log.db"), retention: Duration::ZERO, url: None, bodies: false }
+        LogConfig {
+            enabled: true,
+            path: dir.join("log.db"),
+            retention: Duration::ZERO,
+            url: None,
+            bodies: false,
+            queue_capacity: QUEUE_CAPACITY,
+        }
     }
 
     #[test]
@@ -387,6 +553,7 @@ mod tests {
             retention: Duration::ZERO,
             url: None,
             bodies: false,
+            queue_capacity: QUEUE_CAPACITY,
         };
         let e = RequestLog::open(&c, &m).err().unwrap();
         assert!(e.to_string().contains("/nonexistent-dir/x/log.db"), "{e}");

@@ -3,12 +3,38 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::Entry;
+use super::{Entry, Sink, Written};
 use crate::clock::unix_ms;
+
+/// The writer's SQLite file: a failed write drops its batch (counted), as a full disk would anyway.
+pub(super) struct SqliteSink(Connection);
+
+impl SqliteSink {
+    pub(super) fn open(path: &Path) -> rusqlite::Result<SqliteSink> {
+        open_db(path).map(SqliteSink)
+    }
+}
+
+impl Sink for SqliteSink {
+    fn write(&mut self, rows: &[Box<Entry>], _deadline: Instant) -> Written {
+        match write_batch(&mut self.0, rows) {
+            Ok(()) => Written::Stored,
+            Err(e) => Written::Refused(e.to_string()),
+        }
+    }
+
+    fn prune(&mut self, retention: Duration) {
+        prune(&self.0, retention)
+    }
+
+    fn name(&self) -> &'static str {
+        "the SQLite file"
+    }
+}
 
 /// The schema version in `PRAGMA user_version`: the last of [`MIGRATIONS`].
 pub(crate) const SCHEMA_VERSION: i64 = 3;

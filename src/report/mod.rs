@@ -398,9 +398,9 @@ pub enum Format {
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    /// The log file is missing or unreadable.
+    /// The log file is missing or unreadable, or the database unreachable.
     #[error("cannot read the request log {0}: {1}")]
-    Read(String, rusqlite::Error),
+    Read(String, crate::log::ReadError),
     /// A chart could not be written.
     #[error("cannot write {0}: {1}")]
     Write(String, std::io::Error),
@@ -408,19 +408,20 @@ pub enum ReportError {
 
 /// Read the log at `db`, aggregate the window ending now, and render it; charts go to `charts` if given.
 pub fn run(
-    db: &Path,
+    db: &crate::log::Source,
     since: std::time::Duration,
     format: Format,
     charts_dir: Option<&Path>,
 ) -> Result<String, ReportError> {
     let now_ms = crate::clock::unix_ms();
     let since_ms = now_ms - since.as_millis() as i64;
-    let read_err = |e| ReportError::Read(db.display().to_string(), e);
-    if !db.exists() {
-        return Err(read_err(rusqlite::Error::InvalidPath(db.to_path_buf())));
+    let read_err = |e| ReportError::Read(db.to_string(), e);
+    if let crate::log::Source::Sqlite(path) = db {
+        if !path.exists() {
+            return Err(read_err(rusqlite::Error::InvalidPath(path.clone()).into()));
+        }
     }
-    let conn = crate::log::open_read(db).map_err(read_err)?;
-    let entries = crate::log::read_since(&conn, since_ms).map_err(read_err)?;
+    let entries = db.read_since(since_ms).map_err(read_err)?;
     let report = aggregate(&entries, since_ms, now_ms + 1);
     if let Some(dir) = charts_dir {
         std::fs::create_dir_all(dir).map_err(|e| ReportError::Write(dir.display().to_string(), e))?;
