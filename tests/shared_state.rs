@@ -304,3 +304,47 @@ async fn a_redis_outage_fails_no_request_and_the_replica_resynchronises_when_it_
     assert_eq!(log.matches("Redis unreachable").count(), 1, "one line per change: {log}");
     assert!(!log.contains(&url), "the Redis URL is not logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_hangs_is_timed_out_and_requests_do_not_wait_for_it() {
+    if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+        assert!(std::env::var("SHEEPDOG_REQUIRE_REDIS").as_deref() != Ok("1"), "redis-server is not installed");
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    }
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let (ma, mb) = (mock("a", "gpt", &[]), mock("b", "gpt", &[]));
+    let cfg = two_endpoints(ma.addr, mb.addr, &state(&format!("redis://127.0.0.1:{port}"), &prefix()));
+    let g = gateway(&cfg, &[]);
+    connected(&g).await;
+    let pid = redis.0.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    // A drain now must not wait for Redis either.
+    let auth = [("authorization", "Bearer adm")];
+    assert_eq!(request("POST", &g.url("/admin/endpoints/a/disable"), &auth, "").await.status, 200);
+    let started = Instant::now();
+    for _ in 0..20 {
+        let r = post(&g.url("/v1/chat/completions"), &chat("gpt")).await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "requests did not wait for the hung Redis");
+    eventually(Duration::from_secs(5), "the hung Redis is noticed", || async {
+        state_doc(&g).await["connected"] == false
+    })
+    .await;
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    connected(&g).await;
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
+    let p = cfg.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let key = format!("{p}:drain:a");
+    let mut msg: Option<String> = None;
+    for _ in 0..100 {
+        msg = redis::cmd("HGET").arg(&key).arg("msg").query(&mut conn).unwrap();
+        if msg.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(msg.unwrap_or_default().contains("\"enabled\":false"), "the drain made while Redis hung reaches it");
+}
