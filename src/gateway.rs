@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::config::{self, Config, ConfigError};
 use crate::log::{OpenError, RequestLog};
 use crate::metrics::Metrics;
-use crate::state::{Changes, Runtime, Shared};
+use crate::state::{Changes, Outbox, Runtime, Shared};
 use crate::upstream::MemoryUpstream;
 
 /// Requests that may wait at once for a candidate to recover (beyond this they fail at once).
@@ -39,6 +39,11 @@ pub struct Gateway {
     pub queue: Semaphore,
     /// The persistent request log (opened at start; `[log]` changes need a restart).
     pub log: RequestLog,
+    /// Where this replica's health changes go for the others (off with the memory backend).
+    pub outbox: Outbox,
+    /// The Redis backend (`[state] backend = "redis"`; `[state]` changes need a restart), run by
+    /// `shared::run`.
+    pub shared: Option<Arc<crate::shared::Redis>>,
     memory: HashMap<String, Arc<dyn MemoryUpstream>>,
 }
 
@@ -67,7 +72,19 @@ impl Gateway {
         let changes = Changes::default();
         // The embedded demo's upstreams get new ports each start: nothing of theirs to keep.
         let state_path = config_path.as_ref().map(|_| crate::state::saved::path_for(&config.log.path));
-        let runtime = Runtime::build(config, None, &Shared { metrics: &metrics, changes: &changes, memory: &memory });
+        let (outbox, shared) = match config.state.backend {
+            config::StateBackend::Memory => (Outbox::default(), None),
+            config::StateBackend::Redis => {
+                let (outbox, rx) = Outbox::channel();
+                let redis = crate::shared::Redis::new(&config.state, rx, metrics.state_up.clone());
+                (outbox, Some(Arc::new(redis)))
+            }
+        };
+        let runtime = Runtime::build(
+            config,
+            None,
+            &Shared { metrics: &metrics, changes: &changes, memory: &memory, outbox: &outbox },
+        );
         resume_budgets(&runtime, &log);
         let clock = Clock::new();
         if let Some(p) = &state_path {
@@ -83,6 +100,8 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             queue: Semaphore::new(MAX_QUEUED),
             log,
+            outbox,
+            shared,
             memory,
         }))
     }
@@ -128,10 +147,14 @@ impl Gateway {
         if config.log != old.config.log {
             needs_restart.push("log");
         }
+        if config.state != old.config.state {
+            needs_restart.push("state");
+        }
         for what in &needs_restart {
             tracing::warn!(setting = what, "changed in the file, but takes effect only after a restart");
         }
-        let shared = Shared { metrics: &self.metrics, changes: &self.changes, memory: &self.memory };
+        let shared =
+            Shared { metrics: &self.metrics, changes: &self.changes, memory: &self.memory, outbox: &self.outbox };
         let rt = Runtime::build(config, Some(&old), &shared);
         let pairs: HashSet<(&str, &str)> = rt.pair_labels().collect();
         for (_, p) in old.pairs() {

@@ -3,7 +3,7 @@
 //! simulated upstream in `sheepdog-mock`.
 //!
 //! Layers, in the direction data flows: [`config`] → [`state`] (with [`upstream`]) → [`pipeline`] (with
-//! [`protocol`]) → [`metrics`] and [`log`]; [`health`] feeds [`state`]; [`http`] serves it all; [`report`] reads
+//! [`protocol`]) → [`metrics`] and [`log`]; [`health`] feeds [`state`], and [`shared`] carries it between replicas; [`http`] serves it all; [`report`] reads
 //! the log back; [`cli`] starts the commands.
 
 pub mod cli;
@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
 pub mod report;
+pub mod shared;
 pub mod state;
 pub mod upstream;

@@ -40,6 +40,8 @@ pub struct Metrics {
     cost: CounterVec,
     /// `sheepdog_global_degraded`.
     pub global_degraded: IntGauge,
+    /// `sheepdog_state_backend_up`: 1 while the state backend is reachable (always, for `memory`).
+    pub state_up: IntGauge,
     /// `sheepdog_probes_total{endpoint, model, result}` (extra: probes sent, by outcome).
     probes: IntCounterVec,
     /// `sheepdog_request_log_written_total`: rows written to the request log.
@@ -194,6 +196,12 @@ impl Metrics {
             "1 when more than half of all (endpoint, model) pairs cannot serve.",
         ));
         must(registry.register(Box::new(global_degraded.clone())));
+        let state_up = must(IntGauge::new(
+            "sheepdog_state_backend_up",
+            "1 while the [state] backend is reachable (always 1 for memory); 0: this replica serves with its own state.",
+        ));
+        state_up.set(1);
+        must(registry.register(Box::new(state_up.clone())));
         let plain = |name: &str, help: &str| {
             let c = must(IntCounter::new(name, help));
             must(registry.register(Box::new(c.clone())));
@@ -285,6 +293,7 @@ impl Metrics {
             tokens,
             cost,
             global_degraded,
+            state_up,
             probes,
             log_written,
             log_dropped,

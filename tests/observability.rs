@@ -25,6 +25,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("sheepdog_tokens_total", "counter"),
     ("sheepdog_cost_usd_total", "counter"),
     ("sheepdog_global_degraded", "gauge"),
+    ("sheepdog_state_backend_up", "gauge"),
     ("sheepdog_client_requests_total", "counter"),
     ("gen_ai_client_operation_duration_seconds", "histogram"),
     ("gen_ai_client_token_usage", "histogram"),

@@ -47,7 +47,12 @@ async fn connect_ms(host: &str, port: u16, timeout: Duration) -> Result<f64, Str
 /// Probe every pair once, concurrently.
 pub async fn run(config: Config) -> Vec<CheckResult> {
     let metrics = Metrics::new();
-    let shared = Shared { metrics: &metrics, changes: &Changes::default(), memory: &HashMap::new() };
+    let shared = Shared {
+        metrics: &metrics,
+        changes: &Changes::default(),
+        memory: &HashMap::new(),
+        outbox: &Default::default(),
+    };
     let rt = Runtime::build(config, None, &shared);
     let mut tasks = Vec::new();
     for e in &rt.endpoints {

@@ -317,6 +317,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
     };
     let shutdown = crate::http::signals(gw.clone());
     tokio::spawn(crate::health::run(gw.clone(), shutdown.clone()));
+    tokio::spawn(crate::shared::run(gw.clone(), shutdown.clone()));
     if let Some(d) = &demo {
         d.misbehave(shutdown.clone());
     }
@@ -393,6 +394,7 @@ pub async fn start(
     let gw = Gateway::open(config, path).map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::health::run(gw.clone(), rx.clone()));
+    tokio::spawn(crate::shared::run(gw.clone(), rx.clone()));
     tokio::spawn(crate::http::serve(gw.clone(), listener, rx));
     Ok((addr, gw, tx))
 }

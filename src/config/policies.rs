@@ -113,13 +113,22 @@ pub enum StateBackend {
 pub struct StateConfig {
     /// `memory` (default) or `redis`.
     pub backend: StateBackend,
-    /// The Redis server for `backend = "redis"`.
+    /// The Redis server for `backend = "redis"` (may hold a password: never logged).
     pub redis_url: String,
+    /// Prefix of every Redis key and channel (several fleets can share one Redis).
+    pub key_prefix: String,
+    /// The longest any one Redis call may take; then Redis counts as unreachable.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { backend: StateBackend::Memory, redis_url: "redis://127.0.0.1:6379".into() }
+        StateConfig {
+            backend: StateBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "sheepdog".into(),
+            timeout: std::time::Duration::from_millis(100),
+        }
     }
 }
 
@@ -477,7 +486,15 @@ impl Validator<'_> {
                 return Err(self.err(Some(s.span()), "state.redis_url", "must be a redis:// or rediss:// URL"));
             }
         }
-        Ok(StateConfig { backend, redis_url })
+        let key_prefix = match &raw.key_prefix {
+            None => "sheepdog".to_owned(),
+            Some(s) => self.name(s, "state.key_prefix")?,
+        };
+        let timeout = self.duration(&raw.timeout, "state.timeout", std::time::Duration::from_millis(100))?;
+        if timeout.is_zero() {
+            return Err(self.err(raw.timeout.as_ref().map(|s| s.span()), "state.timeout", "must be more than 0"));
+        }
+        Ok(StateConfig { backend, redis_url, key_prefix, timeout })
     }
 
     /// A name used as a label value and in headers: letters, digits, `-`, `_`, `.`.

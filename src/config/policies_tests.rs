@@ -186,6 +186,11 @@ fn server_log_and_state_keys() {
     assert_eq!(err("[state]\nbackend = \"etcd\"\n").key, "state.backend");
     assert_eq!(err("[state]\nredis_url = \"http://x\"\n").key, "state.redis_url");
     assert_eq!(err("[server]\nclient_timeout = \"0s\"\n").key, "server.client_timeout");
+    assert_eq!((c.state.key_prefix.as_str(), c.state.timeout), ("sheepdog", Duration::from_millis(100)));
+    let s = ok("[state]\nbackend = \"redis\"\nkey_prefix = \"fleet-a\"\ntimeout = \"50ms\"\n").state;
+    assert_eq!((s.key_prefix.as_str(), s.timeout), ("fleet-a", Duration::from_millis(50)));
+    assert_eq!(err("[state]\nkey_prefix = \"a b\"\n").key, "state.key_prefix");
+    assert_eq!(err("[state]\ntimeout = \"0s\"\n").key, "state.timeout");
 }
 
 #[test]

@@ -176,4 +176,6 @@ pub(super) struct RawClient {
 pub(super) struct RawState {
     pub(super) backend: Option<S>,
     pub(super) redis_url: Option<S>,
+    pub(super) key_prefix: Option<S>,
+    pub(super) timeout: Option<S>,
 }

@@ -2,6 +2,9 @@
 //! traffic shows a pair healthy; open breakers probed when their recovery time comes) and the re-test of keys
 //! set aside. [`probe`] sends one probe.
 //!
+//! With the Redis backend a replica probes a pair only while it holds the pair's lease (`shared::Redis::
+//! lease`) and shares the result; the others skip and record that result; when Redis cannot say, it probes.
+//!
 //! The loop sleeps until the next probe is due and stops on the shutdown signal. Probes report to the same
 //! pairs as live traffic; their cost goes to `sheepdog_cost_usd_total{source="probe"}`, never to the request
 //! log.
@@ -20,6 +23,7 @@ use tokio::sync::{watch, Semaphore};
 pub use probe::{probe, ProbeResult};
 
 use crate::gateway::Gateway;
+use crate::shared::Lease;
 use crate::state::{Endpoint, Outcome, Pair, Runtime, Source};
 
 /// The interval until the next probe of a pair: `interval` while it carries traffic or is unwell, else
@@ -151,6 +155,14 @@ fn tick(gw: &Arc<Gateway>, rt: &Arc<Runtime>, limit: &Arc<Semaphore>, now: u64) 
                     let upstream_model = e.cfg.models[i].1.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
+                        if let Some(shared) = &gw.shared {
+                            let ttl = sheepdog_policy::shared::lease_ms(every);
+                            if shared.lease(pair.endpoint(), pair.model(), ttl).await == Lease::Other {
+                                // Another replica probes this pair: its result comes through Redis.
+                                pair.record(&rt.policy, Outcome::Neutral, now, Source::Probe, true, gw.now_ms());
+                                return;
+                            }
+                        }
                         let (key, auth) = match e.keys.next() {
                             Ok(k) => (k.map(|(i, _)| i), k.map(|(_, h)| h.clone())),
                             Err(()) => {
@@ -200,6 +212,10 @@ fn apply_probe(gw: &Gateway, rt: &Runtime, e: &Endpoint, pair: &Pair, r: &ProbeR
     } else {
         Outcome::Failure(r.total_ms)
     };
+    match outcome {
+        Outcome::Success(l) | Outcome::Failure(l) => pair.share_probe(r.ok, l, now),
+        Outcome::Neutral => {}
+    }
     if !r.ok {
         tracing::debug!(endpoint = %e.cfg.name, model = %pair.model(), error = r.error.as_deref().unwrap_or(""), "probe failed");
     }

@@ -74,6 +74,8 @@ pub(super) async fn admin(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response
                 ));
             };
             ep.set_enabled(enable, &gw.changes);
+            let at_ms = gw.now_ms();
+            gw.outbox.send(crate::state::Event::Drain { endpoint: name.into(), enabled: enable, at_ms });
             tracing::warn!(
                 endpoint = name,
                 enabled = enable,

@@ -188,6 +188,20 @@ fn ready(gw: &Gateway) -> Response<Body> {
 pub struct StatusDoc {
     global: Global,
     endpoints: Vec<EndpointStatus>,
+    state: StateStatus,
+}
+
+/// Where health lives: `{"backend": "memory"}`, or `{"backend": "redis", "connected": …, "replica": …}`.
+#[derive(Serialize)]
+struct StateStatus {
+    backend: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
+    /// Health changes the outbox dropped because it was full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped_events: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -233,5 +247,14 @@ pub fn status(gw: &Gateway) -> StatusDoc {
             }
         })
         .collect();
-    StatusDoc { global: Global { available_ratio, degraded }, endpoints }
+    let state = match &gw.shared {
+        None => StateStatus { backend: "memory", connected: None, replica: None, dropped_events: None },
+        Some(r) => StateStatus {
+            backend: "redis",
+            connected: Some(r.connected()),
+            replica: Some(r.replica().to_owned()),
+            dropped_events: Some(gw.outbox.dropped()),
+        },
+    };
+    StatusDoc { global: Global { available_ratio, degraded }, endpoints, state }
 }

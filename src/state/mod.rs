@@ -10,6 +10,7 @@ pub mod clients;
 mod pair;
 pub mod routes;
 pub mod saved;
+pub mod sync;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,7 @@ pub use budgets::Budget;
 pub use clients::{Client, Clients, ParallelGuard};
 pub use pair::{InFlight, Outcome, Pair, PairPolicy, PairSpec, PairView, SavedPair, Source};
 pub use routes::Alias;
+pub use sync::{Event, Outbox};
 
 use crate::config::{Config, EndpointConfig, ModelConfig, ModelKind};
 use crate::metrics::{Metrics, ModelMetrics};
@@ -159,6 +161,8 @@ pub struct Shared<'a> {
     pub changes: &'a Changes,
     /// In-memory upstreams by endpoint name (tests).
     pub memory: &'a HashMap<String, Arc<dyn MemoryUpstream>>,
+    /// Where pairs share their breaker changes (off: memory backend).
+    pub outbox: &'a Outbox,
 }
 
 /// An immutable snapshot of configuration plus handles to live state; swapped whole on reload.
@@ -219,7 +223,7 @@ impl Runtime {
                                 history: config.health.history,
                             };
                             let metrics = shared.metrics.pair(&e.name, public, spec.kind);
-                            Arc::new(Pair::new(&spec, metrics, shared.changes.clone()))
+                            Arc::new(Pair::new(&spec, metrics, shared.changes.clone(), shared.outbox.clone()))
                         }
                     }
                 })

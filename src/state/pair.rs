@@ -14,6 +14,7 @@ use sheepdog_policy::balance::{self, Candidate, Ewma, Tier};
 use sheepdog_policy::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use sheepdog_policy::history::{self, Check, History, Status, StatusPolicy};
 
+use super::sync::{Event, Outbox};
 use super::Changes;
 use crate::config::ModelKind;
 use crate::metrics::PairMetrics;
@@ -74,6 +75,8 @@ pub struct Pair {
     waiting_since_ms: AtomicU64,
     metrics: PairMetrics,
     changes: Changes,
+    /// Where this pair's own breaker changes and probe results go for the other replicas (off: memory backend).
+    outbox: Outbox,
 }
 
 /// One outstanding live request on a pair: counted in the pair's in-flight requests from creation to drop, and
@@ -155,7 +158,7 @@ pub struct PairSpec<'a> {
 
 impl Pair {
     /// A new pair of unknown health; its `up` gauge starts at 1.
-    pub fn new(spec: &PairSpec<'_>, metrics: PairMetrics, changes: Changes) -> Pair {
+    pub fn new(spec: &PairSpec<'_>, metrics: PairMetrics, changes: Changes, outbox: Outbox) -> Pair {
         metrics.up.set(1);
         metrics.breaker.set(0);
         Pair {
@@ -177,6 +180,7 @@ impl Pair {
             waiting_since_ms: AtomicU64::new(0),
             metrics,
             changes,
+            outbox,
         }
     }
 
@@ -319,7 +323,7 @@ impl Pair {
         let after = b.state();
         drop(b);
         if before != after {
-            self.on_transition(before, after, now_ms);
+            self.on_transition(before, after, now_ms, true);
         }
         a
     }
@@ -363,9 +367,35 @@ impl Pair {
         }
         self.history.lock().push(Check { ok, latency_ms: latency, at_ms: now_ms });
         if let Some((from, to)) = transition {
-            self.on_transition(from, to, now_ms);
+            self.on_transition(from, to, now_ms, true);
         }
         self.refresh_status(&policy.status, has_usable_key);
+    }
+
+    /// Apply another replica's breaker change at `now_ms`: `Open` forces the breaker open until `retry_at_ms`
+    /// (process time; the later of the two when it is open already), `Closed` closes an open or half-open one.
+    /// A change applied here is not shared again (no echo).
+    pub fn apply_remote_breaker(&self, state: BreakerState, retry_at_ms: u64, policy: &PairPolicy, now_ms: u64) {
+        let transition = {
+            let mut b = self.breaker.lock();
+            match state {
+                BreakerState::Open => b.force_open(retry_at_ms, now_ms),
+                BreakerState::Closed => b.force_closed(now_ms),
+                BreakerState::HalfOpen => None,
+            }
+        };
+        if let Some((from, to)) = transition {
+            self.on_transition(from, to, now_ms, false);
+            self.refresh_status(&policy.status, true);
+        }
+    }
+
+    /// Share the result of a probe this replica sent (as the pair's lease holder) with the others.
+    pub fn share_probe(&self, ok: bool, latency_ms: f64, at_ms: u64) {
+        if self.outbox.is_on() {
+            let (endpoint, model) = (self.endpoint.as_str().into(), self.model.as_str().into());
+            self.outbox.send(Event::Probe { endpoint, model, ok, latency_ms, at_ms });
+        }
     }
 
     /// Recompute the cached status from history and breaker.
@@ -397,8 +427,13 @@ impl Pair {
     }
 
     /// Called once per transition: the gauge, the transition counter and one log line (open and closed at warn;
-    /// half-open, a trial, at info).
-    fn on_transition(&self, from: BreakerState, to: BreakerState, now_ms: u64) {
+    /// half-open, a trial, at info); a `local` opening or closing goes to the outbox for the other replicas.
+    fn on_transition(&self, from: BreakerState, to: BreakerState, now_ms: u64, local: bool) {
+        if local && self.outbox.is_on() && to != BreakerState::HalfOpen {
+            let retry_at_ms = self.breaker.lock().retry_at_ms().unwrap_or(0);
+            let (endpoint, model) = (self.endpoint.as_str().into(), self.model.as_str().into());
+            self.outbox.send(Event::Breaker { endpoint, model, state: to, retry_at_ms, at_ms: now_ms });
+        }
         self.metrics.breaker.set(to.gauge());
         self.metrics.transition(to.gauge());
         if from != BreakerState::Closed && to == BreakerState::Closed {
@@ -407,10 +442,10 @@ impl Pair {
         let (endpoint, model, from_s) = (&self.endpoint, &self.model, from.as_str());
         match to {
             BreakerState::Open => {
-                tracing::warn!(endpoint = %endpoint, model = %model, from = from_s, "circuit breaker opened")
+                tracing::warn!(endpoint = %endpoint, model = %model, from = from_s, remote = !local, "circuit breaker opened")
             }
             BreakerState::Closed => {
-                tracing::warn!(endpoint = %endpoint, model = %model, from = from_s, "circuit breaker closed")
+                tracing::warn!(endpoint = %endpoint, model = %model, from = from_s, remote = !local, "circuit breaker closed")
             }
             BreakerState::HalfOpen => {
                 tracing::info!(endpoint = %endpoint, model = %model, from = from_s, "circuit breaker half-open: trial requests")
@@ -462,7 +497,12 @@ mod tests {
             kind: ModelKind::Chat,
             history: 10,
         };
-        Arc::new(Pair::new(&spec, Metrics::new().pair("e", "m", ModelKind::Chat), Changes::default()))
+        Arc::new(Pair::new(
+            &spec,
+            Metrics::new().pair("e", "m", ModelKind::Chat),
+            Changes::default(),
+            Outbox::default(),
+        ))
     }
 
     fn policy() -> PairPolicy {
@@ -496,6 +536,34 @@ mod tests {
         assert!(futures_util::FutureExt::now_or_never(waiter).is_some(), "a waiter was woken");
         assert_eq!(p.metrics().breaker.get(), 2);
         assert_eq!(p.view(&pol.breaker, 100).recent_ms, vec![None, None], "failures, oldest first");
+    }
+
+    #[test]
+    fn local_openings_and_closings_go_to_the_outbox_remote_ones_do_not() {
+        let (outbox, mut rx) = Outbox::channel();
+        let spec = PairSpec {
+            endpoint: "e",
+            base_url: "http://x/v1",
+            max_latency_ms: 1000,
+            model: "m",
+            kind: ModelKind::Chat,
+            history: 10,
+        };
+        let p = Pair::new(&spec, Metrics::new().pair("e", "m", ModelKind::Chat), Changes::default(), outbox);
+        let pol = policy();
+        for t in [10, 20] {
+            p.admit(&pol.breaker, t);
+            p.record(&pol, Outcome::Failure(5.0), t, Source::Live, true, t + 1);
+        }
+        let ev = rx.try_recv().expect("the opening is shared");
+        assert!(matches!(ev, Event::Breaker { state: BreakerState::Open, retry_at_ms: 1021, at_ms: 21, .. }), "{ev:?}");
+        // Another replica's close closes it here and is not sent back.
+        p.apply_remote_breaker(BreakerState::Closed, 0, &pol, 30);
+        assert_eq!(p.breaker_state(), BreakerState::Closed);
+        p.apply_remote_breaker(BreakerState::Open, 5_000, &pol, 40);
+        assert_eq!((p.breaker_state(), p.breaker_retry_at()), (BreakerState::Open, Some(5_000)));
+        assert!(rx.try_recv().is_err(), "remote changes are not echoed");
+        assert_eq!(p.metrics().breaker.get(), 2);
     }
 
     #[test]

@@ -417,6 +417,34 @@ impl Breaker {
         }
     }
 
+    /// Applies another replica's "opened, retry at `retry_at_ms`" (on this process's clock) at `now_ms`: a
+    /// breaker that is not open opens until then (counting as an opening, entered at `now_ms`, so results of
+    /// attempts admitted before are ignored); an open one keeps the later of the two retry times. A retry time
+    /// already past enforces nothing. Returns the transition if one happened.
+    pub fn force_open(&mut self, retry_at_ms: u64, now_ms: u64) -> Option<Transition> {
+        if retry_at_ms <= now_ms {
+            return None;
+        }
+        if self.state == BreakerState::Open {
+            self.retry_at_ms = self.retry_at_ms.max(retry_at_ms);
+            return None;
+        }
+        self.open_timeout_ms = retry_at_ms - now_ms;
+        self.retry_at_ms = retry_at_ms;
+        self.open_count = self.open_count.saturating_add(1);
+        Some(self.enter(BreakerState::Open, now_ms))
+    }
+
+    /// Applies another replica's "closed after successful trials" at `now_ms`: an open or half-open breaker
+    /// closes (its recovery timeout back to the base); a closed one is left alone, its failure count too.
+    pub fn force_closed(&mut self, now_ms: u64) -> Option<Transition> {
+        if self.state == BreakerState::Closed {
+            return None;
+        }
+        self.reopens = 0;
+        Some(self.enter(BreakerState::Closed, now_ms))
+    }
+
     fn trial_slots_lost(&self, cfg: &BreakerConfig, now_ms: u64) -> bool {
         let lease = self.open_timeout_ms.max(cfg.recovery_timeout_ms).max(1);
         now_ms.saturating_sub(self.last_trial_ms) >= lease
@@ -488,6 +516,53 @@ mod tests {
         assert_eq!(r.record_attempt(&cfg, false, 9, 20), None, "started before the restart");
         assert_eq!(r.consecutive_failures(), 2);
         assert!(r.record_attempt(&cfg, false, 10, 20).is_some(), "the third failure opens it");
+    }
+
+    #[test]
+    fn a_remote_open_forces_the_breaker_open_until_its_retry_time() {
+        let c = cfg();
+        let mut b = Breaker::new();
+        b.record_failure(&c, 10);
+        assert_eq!(b.force_open(5_000, 1_000), Some((Closed, Open)));
+        assert_eq!(b.retry_at_ms(), Some(5_000));
+        assert_eq!(b.open_count(), 1);
+        assert_eq!(b.admit(&c, 4_999), Admission::Rejected);
+        // A result of an attempt admitted before the remote open does not count.
+        assert_eq!(b.record_attempt(&c, true, 900, 1_100), None);
+        assert_eq!(b.admit(&c, 5_000), Admission::Trial, "half-open at the remote retry time");
+    }
+
+    #[test]
+    fn a_remote_open_on_an_open_breaker_keeps_the_later_retry_time_and_is_no_transition() {
+        let mut b = opened_at(100); // retry at 1_100
+        assert_eq!(b.force_open(900, 200), None);
+        assert_eq!(b.retry_at_ms(), Some(1_100));
+        assert_eq!(b.force_open(3_000, 200), None);
+        assert_eq!(b.retry_at_ms(), Some(3_000));
+        assert_eq!(b.open_count(), 1);
+    }
+
+    #[test]
+    fn a_remote_open_whose_retry_time_passed_enforces_nothing() {
+        let mut b = Breaker::new();
+        assert_eq!(b.force_open(1_000, 1_000), None);
+        assert_eq!(b.state(), Closed);
+    }
+
+    #[test]
+    fn a_remote_close_closes_an_open_or_half_open_breaker_only() {
+        let c = cfg();
+        let mut b = opened_at(100);
+        assert_eq!(b.force_closed(500), Some((Open, Closed)));
+        assert_eq!(b.admit(&c, 501), Admission::Admitted);
+        let mut h = opened_at(100);
+        h.tick(2_000);
+        assert_eq!(h.state(), HalfOpen);
+        assert_eq!(h.force_closed(2_001), Some((HalfOpen, Closed)));
+        let mut k = Breaker::new();
+        k.record_failure(&c, 1);
+        assert_eq!(k.force_closed(2), None);
+        assert_eq!(k.consecutive_failures(), 1, "a closed breaker keeps its count");
     }
 
     #[test]
