@@ -14,6 +14,10 @@
 //! there), the pub/sub channel `P:events` (every change and probe result, as JSON), and the probe leases
 //! `P:lease:ENDPOINT:MODEL` (value: the holder's replica id, expiring). Never holds or logs the URL's
 //! password.
+//!
+//! Budget spend and client rate limits are counted fleet-wide by the sibling task in [`counters`].
+
+pub mod counters;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -211,6 +215,7 @@ fn replica_id() -> String {
 pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let Some(sh) = gw.shared.clone() else { return };
     let Some(mut rx) = sh.rx.lock().take() else { return };
+    tokio::spawn(counters::run(gw.clone(), sh.clone(), shutdown.clone()));
     let mut seen: HashMap<String, Version> = HashMap::new();
     let mut pending: Option<Event> = None;
     let mut backoff = BACKOFF.0;
