@@ -175,3 +175,79 @@ async fn three_replicas_hold_one_client_rpm_together() {
         assert!(last_refusals.contains(&(n + 1)), "request {} was admitted: {last_refusals:?}", n + 1);
     }
 }
+
+/// A redis-server of the test's own (on a free port), killed on drop.
+struct OwnRedis(std::process::Child);
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis(child)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_during_a_hung_redis_counts_locally_and_reaches_the_fleet_once_when_it_resumes() {
+    if Command::new("redis-server").arg("--version").stdout(std::process::Stdio::null()).status().is_err() {
+        assert!(std::env::var("SHEEPDOG_REQUIRE_REDIS").as_deref() != Ok("1"), "redis-server is not installed");
+        eprintln!("skipped: redis-server is not installed");
+        return;
+    }
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let up = TestUpstream::start(|s| Canned::completion(s, "up"));
+    let budget = "[[budgets]]\nname = \"daily\"\nperiod = \"day\"\nlimit_usd = 100\n";
+    let state = state().replace(REDIS, &format!("redis://127.0.0.1:{port}"));
+    let cfg = cfg(&up, &format!("{budget}{state}"));
+    let (a, b) = (gateway(&cfg, &[]), gateway(&cfg, &[]));
+    connected(&a).await;
+    connected(&b).await;
+    for _ in 0..2 {
+        assert_eq!(post(&a.url("/v1/chat/completions"), &body()).await.status, 200);
+    }
+    eventually(Duration::from_secs(5), "B sees A's $2", || async { (spent(&b).await - 2.0).abs() < 1e-6 }).await;
+    // Redis hangs: A goes on serving and counting by itself; a flush may time out after reaching Redis.
+    let pid = redis.0.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    for _ in 0..3 {
+        assert_eq!(post(&a.url("/v1/chat/completions"), &body()).await.status, 200);
+    }
+    eventually(Duration::from_secs(5), "A notices the hung Redis", || async {
+        get(&a.url("/status")).await.json()["state"]["connected"] == false
+    })
+    .await;
+    assert!((spent(&a).await - 5.0).abs() < 1e-6, "A counts locally meanwhile");
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    connected(&a).await;
+    // The $3 reach the fleet, once.
+    eventually(Duration::from_secs(5), "B sees A's $5", || async { (spent(&b).await - 5.0).abs() < 1e-6 }).await;
+    let prefix = cfg.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+        / 86_400_000
+        * 86_400_000;
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
+    let stored: i64 = redis::cmd("GET").arg(format!("{prefix}:budget:daily:{day}")).query(&mut conn).unwrap();
+    assert_eq!(stored, 5_000_000_000, "$5 in nano-dollars, nothing counted twice");
+    assert!((spent(&a).await - 5.0).abs() < 1e-6);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
