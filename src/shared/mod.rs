@@ -3,8 +3,8 @@
 //! the probe leases that make the fleet probe each endpoint × model once per interval.
 //!
 //! **What it must not do:** stand in any request's way. Pairs hand their changes to the [`Outbox`] with a
-//! non-blocking `try_send`; this task alone talks to Redis, every call under `[state] timeout`. Every replica
-//! keeps its own `Pair`s and decides from them; what comes from Redis is applied to them (`Pair::
+//! non-blocking `try_send`; this task (and its sibling [`counters`]) alone talk to Redis, every call under
+//! `[state] timeout`. Every replica keeps its own `Pair`s and decides from them; what comes from Redis is applied to them (`Pair::
 //! apply_remote_breaker`, a probe result recorded like a local one). When Redis is unreachable or slow the
 //! replica goes on with its local state, says so once (log, `sheepdog_state_backend_up`, `/status`),
 //! reconnects with backoff and resynchronises. Which message wins is `sheepdog_policy::shared`'s rule.

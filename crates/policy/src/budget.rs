@@ -17,6 +17,9 @@
 //! Thresholds are crossed once per period: [`Ledger::settle`] reports each threshold that the *spent* amount
 //! crossed upward (for the log line, the metric and the webhook), and a new period starts from zero.
 //!
+//! Shared among replicas (`[state] backend = "redis"`), a ledger hands its newly settled spend to the fleet
+//! ([`Ledger::take_unshared`]) and takes the fleet's total back ([`Ledger::sync_fleet`]); reservations stay local.
+//!
 //! Pure: the caller passes the wall clock (`unix_ms`) for periods and holds the ledger behind its own lock.
 
 use crate::pricing::Nanos;

@@ -6,6 +6,9 @@
 //! finishes with the real usage ([`Bucket::settle`]): a stream's tokens count like any other. A bucket may go
 //! below zero when a request used more than it reserved; later requests then wait until it refills.
 //!
+//! Shared among replicas, [`Limits::take_unshared`] gives what was admitted here to the fleet's counters and
+//! [`Limits::charge_remote`] charges the buckets with what the other replicas admitted.
+//!
 //! Integer arithmetic in units of 1/60,000 of a token (a minute is 60,000 ms), so refilling `per_minute` units
 //! per millisecond is exact and decisions repeat bit for bit. Pure: the caller passes `now_ms` and holds the
 //! bucket behind its own lock.
