@@ -3,8 +3,8 @@
 //! the probe leases that make the fleet probe each endpoint × model once per interval.
 //!
 //! **What it must not do:** stand in any request's way. Pairs hand their changes to the [`Outbox`] with a
-//! non-blocking `try_send`; this task alone talks to Redis, every call under `[state] timeout`. Every replica
-//! keeps its own `Pair`s and decides from them; what comes from Redis is applied to them (`Pair::
+//! non-blocking `try_send`; this task (and its sibling [`counters`]) alone talk to Redis, every call under
+//! `[state] timeout`. Every replica keeps its own `Pair`s and decides from them; what comes from Redis is applied to them (`Pair::
 //! apply_remote_breaker`, a probe result recorded like a local one). When Redis is unreachable or slow the
 //! replica goes on with its local state, says so once (log, `sheepdog_state_backend_up`, `/status`),
 //! reconnects with backoff and resynchronises. Which message wins is `sheepdog_policy::shared`'s rule.
@@ -14,6 +14,10 @@
 //! there), the pub/sub channel `P:events` (every change and probe result, as JSON), and the probe leases
 //! `P:lease:ENDPOINT:MODEL` (value: the holder's replica id, expiring). Never holds or logs the URL's
 //! password.
+//!
+//! Budget spend and client rate limits are counted fleet-wide by the sibling task in [`counters`].
+
+pub mod counters;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -211,6 +215,7 @@ fn replica_id() -> String {
 pub async fn run(gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let Some(sh) = gw.shared.clone() else { return };
     let Some(mut rx) = sh.rx.lock().take() else { return };
+    tokio::spawn(counters::run(gw.clone(), sh.clone(), shutdown.clone()));
     let mut seen: HashMap<String, Version> = HashMap::new();
     let mut pending: Option<Event> = None;
     let mut backoff = BACKOFF.0;

@@ -17,6 +17,9 @@
 //! Thresholds are crossed once per period: [`Ledger::settle`] reports each threshold that the *spent* amount
 //! crossed upward (for the log line, the metric and the webhook), and a new period starts from zero.
 //!
+//! Shared among replicas (`[state] backend = "redis"`), a ledger hands its newly settled spend to the fleet
+//! ([`Ledger::take_unshared`]) and takes the fleet's total back ([`Ledger::sync_fleet`]); reservations stay local.
+//!
 //! Pure: the caller passes the wall clock (`unix_ms`) for periods and holds the ledger behind its own lock.
 
 use crate::pricing::Nanos;
@@ -171,13 +174,23 @@ pub struct Ledger {
     reserved: Nanos,
     /// Thresholds already crossed by `spent` this period.
     crossed: [bool; 3],
+    /// Spend settled here this period and not yet handed to the fleet ([`Ledger::take_unshared`]).
+    unshared: Nanos,
 }
 
 impl Ledger {
     /// An empty ledger for the period containing `unix_ms`.
     pub fn new(period: Period, unix_ms: i64) -> Ledger {
         let (start_ms, end_ms) = period.bounds(unix_ms);
-        Ledger { period, start_ms, end_ms, spent: Nanos::ZERO, reserved: Nanos::ZERO, crossed: [false; 3] }
+        Ledger {
+            period,
+            start_ms,
+            end_ms,
+            spent: Nanos::ZERO,
+            reserved: Nanos::ZERO,
+            crossed: [false; 3],
+            unshared: Nanos::ZERO,
+        }
     }
 
     /// A ledger that already spent `spent` this period (rebuilt from the request log at start), with the
@@ -197,6 +210,7 @@ impl Ledger {
             self.start_ms = s;
             self.end_ms = e;
             self.spent = Nanos::ZERO;
+            self.unshared = Nanos::ZERO;
             self.crossed = [false; 3];
         }
     }
@@ -257,13 +271,56 @@ impl Ledger {
         self.roll(unix_ms);
         self.reserved = self.reserved.saturating_sub(reserved);
         self.spent = self.spent.saturating_add(cost);
+        self.unshared = self.unshared.saturating_add(cost);
         let mut out = Vec::new();
-        for (i, (thr, c)) in [(t.warn, Crossing::Warn), (t.downgrade, Crossing::Downgrade), (t.limit, Crossing::Limit)]
-            .iter()
-            .enumerate()
-        {
+        for (i, (thr, c)) in Self::levels(t).iter().enumerate() {
             if !self.crossed[i] && thr.is_some_and(|x| self.spent >= x) {
                 self.crossed[i] = true;
+                out.push(*c);
+            }
+        }
+        out
+    }
+
+    fn levels(t: &Thresholds) -> [(Option<Nanos>, Crossing); 3] {
+        [(t.warn, Crossing::Warn), (t.downgrade, Crossing::Downgrade), (t.limit, Crossing::Limit)]
+    }
+
+    /// Hand the spend settled here since the last call to the fleet (`[state] backend = "redis"`): the
+    /// period it belongs to (its start, Unix ms) and the amount, which this ledger forgets.
+    pub fn take_unshared(&mut self, unix_ms: i64) -> (i64, Nanos) {
+        self.roll(unix_ms);
+        (self.start_ms, std::mem::replace(&mut self.unshared, Nanos::ZERO))
+    }
+
+    /// The fleet's settled spend of the period starting `start_ms` is `total`, after this replica added
+    /// `own` to it (what [`Ledger::take_unshared`] gave, perhaps over several calls while Redis was away).
+    /// Spend becomes `total` plus what settled here since (reservations stay as they are). Thresholds the
+    /// total is past are marked crossed; the ones returned are those that this replica's own addition carried
+    /// the fleet across and that it had not announced yet — so the fleet announces each crossing about once.
+    /// A total of another period (the ledger rolled meanwhile) is ignored.
+    pub fn sync_fleet(
+        &mut self,
+        t: &Thresholds,
+        start_ms: i64,
+        total: Nanos,
+        own: Nanos,
+        unix_ms: i64,
+    ) -> Vec<Crossing> {
+        self.roll(unix_ms);
+        if start_ms != self.start_ms {
+            return Vec::new();
+        }
+        self.spent = total.saturating_add(self.unshared);
+        let before = total.saturating_sub(own);
+        let mut out = Vec::new();
+        for (i, (thr, c)) in Self::levels(t).iter().enumerate() {
+            let Some(x) = *thr else { continue };
+            if self.crossed[i] || self.spent < x {
+                continue;
+            }
+            self.crossed[i] = true;
+            if before < x && total >= x {
                 out.push(*c);
             }
         }
@@ -368,6 +425,49 @@ mod tests {
         // A ledger resumed past warn does not announce it again.
         let mut r = Ledger::resumed(Period::Day, T0, usd(450.0), &t);
         assert_eq!(r.charge(&t, usd(40.0), T0), vec![Crossing::Downgrade]);
+    }
+
+    #[test]
+    fn fleet_spend_replaces_local_spend_and_keeps_reservations() {
+        let t = Thresholds { warn: Some(usd(5.0)), downgrade: None, limit: Some(usd(10.0)) };
+        let mut l = Ledger::new(Period::Day, T0);
+        assert_eq!(l.admit(&t, usd(1.0), false, T0), Decision::Admit);
+        l.settle(&t, usd(1.0), usd(1.0), T0);
+        assert_eq!(l.admit(&t, usd(1.0), false, T0), Decision::Admit);
+        let (start, own) = l.take_unshared(T0);
+        assert_eq!((start, own), (Period::Day.bounds(T0).0, usd(1.0)));
+        assert_eq!(l.take_unshared(T0).1, Nanos::ZERO, "handed over once");
+        // Meanwhile another request settles here; then Redis answers: the fleet spent $4 with our $1.
+        l.settle(&t, Nanos::ZERO, usd(0.5), T0);
+        assert!(l.sync_fleet(&t, start, usd(4.0), own, T0).is_empty());
+        assert_eq!((l.spent(T0), l.reserved()), (usd(4.5), usd(1.0)));
+        // The reservation counts against the fleet's spend: $4.5 + $1 reserved + $5 > $10.
+        assert!(matches!(l.admit(&t, usd(5.0), false, T0), Decision::Block { .. }));
+        assert_eq!(l.take_unshared(T0).1, usd(0.5), "what settled after the take goes next time");
+    }
+
+    #[test]
+    fn a_crossing_reached_by_the_fleet_is_announced_once_by_the_replica_that_carried_it() {
+        let t = Thresholds { warn: Some(usd(5.0)), downgrade: None, limit: Some(usd(10.0)) };
+        let start = Period::Day.bounds(T0).0;
+        // Replica A's $1 carried the fleet from $4.5 to $5.5: A announces warn, once.
+        let mut a = Ledger::new(Period::Day, T0);
+        assert_eq!(a.sync_fleet(&t, start, usd(5.5), usd(1.0), T0), vec![Crossing::Warn]);
+        assert!(a.sync_fleet(&t, start, usd(6.0), usd(0.5), T0).is_empty());
+        assert!(a.settle(&t, Nanos::ZERO, usd(0.1), T0).is_empty(), "already crossed");
+        // Replica B learns of it without adding anything: marked, not announced.
+        let mut b = Ledger::new(Period::Day, T0);
+        assert!(b.sync_fleet(&t, start, usd(5.5), Nanos::ZERO, T0).is_empty());
+        assert!(b.settle(&t, Nanos::ZERO, usd(0.1), T0).is_empty());
+        // A crossing announced locally (settled here first) is not announced again by the sync.
+        let mut c = Ledger::new(Period::Day, T0);
+        assert_eq!(c.settle(&t, Nanos::ZERO, usd(10.0), T0), vec![Crossing::Warn, Crossing::Limit]);
+        let (_, own) = c.take_unshared(T0);
+        assert!(c.sync_fleet(&t, start, usd(10.0), own, T0).is_empty());
+        // A total of a period that is over is ignored.
+        let mut d = Ledger::new(Period::Day, T0 + DAY_MS);
+        assert!(d.sync_fleet(&t, start, usd(50.0), usd(1.0), T0 + DAY_MS).is_empty());
+        assert_eq!(d.spent(T0 + DAY_MS), Nanos::ZERO);
     }
 
     #[test]

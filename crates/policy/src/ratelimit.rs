@@ -6,6 +6,9 @@
 //! finishes with the real usage ([`Bucket::settle`]): a stream's tokens count like any other. A bucket may go
 //! below zero when a request used more than it reserved; later requests then wait until it refills.
 //!
+//! Shared among replicas, [`Limits::take_unshared`] gives what was admitted here to the fleet's counters and
+//! [`Limits::charge_remote`] charges the buckets with what the other replicas admitted.
+//!
 //! Integer arithmetic in units of 1/60,000 of a token (a minute is 60,000 ms), so refilling `per_minute` units
 //! per millisecond is exact and decisions repeat bit for bit. Pure: the caller passes `now_ms` and holds the
 //! bucket behind its own lock.
@@ -74,6 +77,12 @@ impl Bucket {
         self.level = (self.level + delta).min(self.capacity());
     }
 
+    /// Take `amount` (negative: give back) whatever the bucket holds: what other replicas used.
+    pub fn charge(&mut self, amount: i64, now_ms: u64) {
+        self.refill(now_ms);
+        self.level = (self.level - i128::from(amount) * SCALE).min(self.capacity());
+    }
+
     /// Whole units available now (0 when below zero).
     pub fn remaining(&mut self, now_ms: u64) -> u64 {
         self.refill(now_ms);
@@ -96,6 +105,8 @@ pub struct Limits {
     pub requests: Option<Bucket>,
     /// Tokens per minute, if limited.
     pub tokens: Option<Bucket>,
+    /// Requests and tokens taken here and not yet handed to the fleet ([`Limits::take_unshared`]).
+    unshared: (i64, i64),
 }
 
 /// Which limit refused a request.
@@ -119,7 +130,11 @@ pub struct Snapshot {
 impl Limits {
     /// Limits of `rpm` requests and `tpm` tokens a minute, full at `now_ms`.
     pub fn new(rpm: Option<u64>, tpm: Option<u64>, now_ms: u64) -> Limits {
-        Limits { requests: rpm.map(|n| Bucket::new(n, now_ms)), tokens: tpm.map(|n| Bucket::new(n, now_ms)) }
+        Limits {
+            requests: rpm.map(|n| Bucket::new(n, now_ms)),
+            tokens: tpm.map(|n| Bucket::new(n, now_ms)),
+            unshared: (0, 0),
+        }
     }
 
     /// Admit one request reserving `tokens`, taking from both buckets, or from neither when either refuses.
@@ -135,7 +150,32 @@ impl Limits {
                 return Err((Which::Tokens, l));
             }
         }
+        self.unshared.0 += 1;
+        self.unshared.1 += i64::try_from(tokens).unwrap_or(i64::MAX);
         Ok(())
+    }
+
+    /// Whether any limit is set (only then is there anything to share).
+    pub fn is_limited(&self) -> bool {
+        self.requests.is_some() || self.tokens.is_some()
+    }
+
+    /// Requests and tokens (net of what settling gave back) taken here since the last call, for the fleet's
+    /// counters (`[state] backend = "redis"`); this state forgets them.
+    pub fn take_unshared(&mut self) -> (i64, i64) {
+        std::mem::take(&mut self.unshared)
+    }
+
+    /// Charge what the *other* replicas used since the last flush: `requests` and `tokens` leave the buckets
+    /// whatever they hold (they may go below zero; negative figures give back), so this replica admits only
+    /// what the fleet together has left.
+    pub fn charge_remote(&mut self, requests: i64, tokens: i64, now_ms: u64) {
+        if let Some(r) = &mut self.requests {
+            r.charge(requests, now_ms);
+        }
+        if let Some(t) = &mut self.tokens {
+            t.charge(tokens, now_ms);
+        }
     }
 
     /// A request that reserved `reserved` tokens finished having used `used`.
@@ -143,6 +183,7 @@ impl Limits {
         if let Some(t) = &mut self.tokens {
             t.settle(reserved, used, now_ms);
         }
+        self.unshared.1 += i64::try_from(used).unwrap_or(i64::MAX) - i64::try_from(reserved).unwrap_or(i64::MAX);
     }
 
     /// The header figures now.
@@ -218,6 +259,28 @@ mod tests {
         let mut l = Limits::new(None, Some(100), 0);
         assert!(l.admit(500, 0).is_ok());
         assert!(l.admit(1, 0).is_err());
+    }
+
+    #[test]
+    fn what_others_used_is_charged_and_what_was_taken_here_is_handed_over_once() {
+        let mut l = Limits::new(Some(10), Some(1000), 0);
+        assert!(l.admit(100, 0).is_ok());
+        assert!(l.admit(100, 0).is_ok());
+        l.settle(100, 40, 0);
+        assert!(l.admit(5000, 0).is_err(), "a refusal is not counted");
+        assert_eq!(l.take_unshared(), (2, 140));
+        assert_eq!(l.take_unshared(), (0, 0));
+        // The other replicas used 8 requests and 900 tokens: 0 requests left here, tokens below zero.
+        l.charge_remote(8, 900, 0);
+        assert_eq!(l.snapshot(0).requests.map(|r| r.1), Some(0));
+        assert_eq!(l.admit(1, 0).map_err(|e| e.0), Err(Which::Requests));
+        assert_eq!(l.take_unshared(), (0, 0), "remote use is not handed back to the fleet");
+        // The buckets refill as usual: one request every 6 s at 10 rpm.
+        assert!(l.admit(0, 6_000).is_ok());
+        // Negative figures give back, never above a minute's allowance.
+        l.charge_remote(-100, -100_000, 6_000);
+        assert_eq!(l.snapshot(6_000).requests.map(|r| r.1), Some(10));
+        assert!(!Limits::new(None, None, 0).is_limited() && l.is_limited());
     }
 
     #[test]
