@@ -14,29 +14,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const REDIS: &str = "redis://127.0.0.1:6379";
 /// The gateway's flush interval (`shared::counters::FLUSH_EVERY`) plus a round trip, generously: the window in
 /// which one replica does not yet know what the others admitted.
 const BLIND_S: f64 = 0.1 + 0.2;
 /// Requests are sent one at a time, this far apart (a steady rate, so the bound is a number).
 const PACE: Duration = Duration::from_millis(30);
-
-fn redis_up() -> bool {
-    let up = std::net::TcpStream::connect_timeout(&"127.0.0.1:6379".parse().unwrap(), Duration::from_secs(1)).is_ok();
-    if !up {
-        assert!(
-            std::env::var("SHEEPDOG_REQUIRE_REDIS").as_deref() != Ok("1"),
-            "Redis is not running on 127.0.0.1:6379 and SHEEPDOG_REQUIRE_REDIS=1"
-        );
-        eprintln!("skipped: Redis is not running on 127.0.0.1:6379 (set SHEEPDOG_REQUIRE_REDIS=1 to fail instead)");
-    }
-    up
-}
-
-fn state() -> String {
-    let prefix = format!("t{:x}", rand::random::<u64>());
-    format!("[state]\nbackend = \"redis\"\nredis_url = \"{REDIS}\"\nkey_prefix = \"{prefix}\"\n")
-}
 
 fn body() -> String {
     serde_json::json!({"model": "gpt-4.1", "max_tokens": 2, "messages": [{"role": "user", "content": "Say hello"}]})
@@ -46,13 +28,6 @@ fn body() -> String {
 fn cfg(up: &TestUpstream, extra: &str) -> String {
     let models = "[[models]]\nname = \"gpt-4.1\"\ninput_usd_per_mtok = 200000.0\noutput_usd_per_mtok = 200000.0\n";
     quiet_config(&[("up", up.addr, "models = [\"gpt-4.1\"]")], models, extra)
-}
-
-async fn connected(gw: &Gateway) {
-    eventually(Duration::from_secs(10), "the replica reaches Redis", || async {
-        get(&gw.url("/status")).await.json()["state"]["connected"] == true
-    })
-    .await;
 }
 
 async fn spent(gw: &Gateway) -> f64 {
@@ -72,10 +47,10 @@ async fn three_replicas_hold_one_budget_limit_together() {
     }
     let up = TestUpstream::start(|s| Canned::completion(s, "up"));
     let budget = "[[budgets]]\nname = \"daily\"\nperiod = \"day\"\nlimit_usd = 20\n";
-    let cfg = cfg(&up, &format!("{budget}{}", state()));
+    let cfg = cfg(&up, &format!("{budget}{}", redis_state(REDIS)));
     let fleet = [gateway(&cfg, &[]), gateway(&cfg, &[]), gateway(&cfg, &[])];
     for g in &fleet {
-        connected(g).await;
+        redis_connected(g).await;
     }
     let (mut admitted, mut refused_in_a_row, mut sent) = (0usize, 0, 0usize);
     let started = Instant::now();
@@ -136,10 +111,10 @@ async fn three_replicas_hold_one_client_rpm_together() {
     }
     let up = TestUpstream::start(|s| Canned::completion(s, "up"));
     let (key, lines) = key_new("web-app");
-    let cfg = cfg(&up, &format!("{lines}\nrpm = 30\n\n{}", state()));
+    let cfg = cfg(&up, &format!("{lines}\nrpm = 30\n\n{}", redis_state(REDIS)));
     let fleet = [gateway(&cfg, &[]), gateway(&cfg, &[]), gateway(&cfg, &[])];
     for g in &fleet {
-        connected(g).await;
+        redis_connected(g).await;
     }
     let auth = format!("Bearer {key}");
     let headers = [("content-type", "application/json"), ("authorization", auth.as_str())];
@@ -214,11 +189,11 @@ async fn spend_during_a_hung_redis_counts_locally_and_reaches_the_fleet_once_whe
     let redis = OwnRedis::start(port);
     let up = TestUpstream::start(|s| Canned::completion(s, "up"));
     let budget = "[[budgets]]\nname = \"daily\"\nperiod = \"day\"\nlimit_usd = 100\n";
-    let state = state().replace(REDIS, &format!("redis://127.0.0.1:{port}"));
+    let state = redis_state(&format!("redis://127.0.0.1:{port}"));
     let cfg = cfg(&up, &format!("{budget}{state}"));
     let (a, b) = (gateway(&cfg, &[]), gateway(&cfg, &[]));
-    connected(&a).await;
-    connected(&b).await;
+    redis_connected(&a).await;
+    redis_connected(&b).await;
     for _ in 0..2 {
         assert_eq!(post(&a.url("/v1/chat/completions"), &body()).await.status, 200);
     }
@@ -235,7 +210,7 @@ async fn spend_during_a_hung_redis_counts_locally_and_reaches_the_fleet_once_whe
     .await;
     assert!((spent(&a).await - 5.0).abs() < 1e-6, "A counts locally meanwhile");
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-    connected(&a).await;
+    redis_connected(&a).await;
     // The $3 reach the fleet, once.
     eventually(Duration::from_secs(5), "B sees A's $5", || async { (spent(&b).await - 5.0).abs() < 1e-6 }).await;
     let prefix = cfg.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();

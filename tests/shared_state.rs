@@ -12,29 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-
-fn redis_up() -> bool {
-    let up = std::net::TcpStream::connect_timeout(&"127.0.0.1:6379".parse().unwrap(), Duration::from_secs(1)).is_ok();
-    if !up {
-        assert!(
-            std::env::var("SHEEPDOG_REQUIRE_REDIS").as_deref() != Ok("1"),
-            "Redis is not running on 127.0.0.1:6379 and SHEEPDOG_REQUIRE_REDIS=1"
-        );
-        eprintln!("skipped: Redis is not running on 127.0.0.1:6379 (set SHEEPDOG_REQUIRE_REDIS=1 to fail instead)");
-    }
-    up
-}
-
-/// A key prefix of this test alone.
-fn prefix() -> String {
-    format!("t{:x}", rand::random::<u64>())
-}
-
-fn state(url: &str, prefix: &str) -> String {
-    format!("[state]\nbackend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n")
-}
-
 async fn shows(gw: &Gateway, endpoint: &str, model: &str, breaker: &str) -> bool {
     pair_status(gw, endpoint, model).await["breaker"] == breaker
 }
@@ -52,13 +29,6 @@ async fn chat_requests(mock: &common::Proc) -> u64 {
     mock_stats(mock).await["by_path"]["/v1/chat/completions"].as_u64().unwrap_or(0)
 }
 
-async fn connected(gw: &Gateway) {
-    eventually(Duration::from_secs(10), "the replica reaches Redis", || async {
-        state_doc(gw).await["connected"] == true
-    })
-    .await;
-}
-
 fn two_endpoints(a: SocketAddr, b: SocketAddr, extra: &str) -> String {
     quiet_config(&[("a", a, "models = [\"gpt\"]"), ("b", b, "models = [\"gpt\"]")], &model("gpt", ""), extra).replacen(
         "[server]\n",
@@ -74,10 +44,10 @@ async fn a_breaker_opened_by_one_replica_protects_the_others() {
     }
     let (ma, mb) = (mock("a", "gpt", &[]), mock("b", "gpt", &[]));
     let breaker = "[breaker]\nfailure_threshold = 1\nrecovery_timeout = \"60s\"\n";
-    let cfg = two_endpoints(ma.addr, mb.addr, &format!("{breaker}{}", state(REDIS, &prefix())));
+    let cfg = two_endpoints(ma.addr, mb.addr, &format!("{breaker}{}", redis_state(REDIS)));
     let (ra, rb, rc) = (gateway(&cfg, &[]), gateway(&cfg, &[]), gateway(&cfg, &[]));
     for g in [&ra, &rb, &rc] {
-        connected(g).await;
+        redis_connected(g).await;
     }
     faults(&ma, r#"{"mode":"error_500"}"#).await;
     // Traffic through A only, until A's breaker of a/gpt opens.
@@ -119,7 +89,7 @@ async fn a_breaker_opened_by_one_replica_protects_the_others() {
     assert_eq!(chat_requests(&ma).await, before, "no request reached the faulted upstream from B or C");
     // A replica that starts now reads the open breaker from Redis at once.
     let rd = gateway(&cfg, &[]);
-    connected(&rd).await;
+    redis_connected(&rd).await;
     assert!(shows(&rd, "a", "gpt", "open").await, "a new replica resynchronises at start");
     let log = rb.proc.stderr();
     assert_eq!(log.matches("circuit breaker opened").count(), 1, "applied once, nothing echoed back: {log}");
@@ -131,10 +101,10 @@ async fn a_drain_on_one_replica_holds_on_all() {
         return;
     }
     let (ma, mb) = (mock("a", "gpt", &[]), mock("b", "gpt", &[]));
-    let cfg = two_endpoints(ma.addr, mb.addr, &state(REDIS, &prefix()));
+    let cfg = two_endpoints(ma.addr, mb.addr, &redis_state(REDIS));
     let (ra, rb, rc) = (gateway(&cfg, &[]), gateway(&cfg, &[]), gateway(&cfg, &[]));
     for g in [&ra, &rb, &rc] {
-        connected(g).await;
+        redis_connected(g).await;
     }
     let auth = [("authorization", "Bearer adm")];
     assert_eq!(request("POST", &ra.url("/admin/endpoints/a/disable"), &auth, "").await.status, 200);
@@ -174,16 +144,16 @@ async fn three_replicas_probe_as_often_as_one_and_a_dead_lease_holder_is_replace
     let m = mock("a", "gpt", &[]);
     let window = Duration::from_secs(3);
     let one = {
-        let cfg = probing(m.addr, &state(REDIS, &prefix()));
+        let cfg = probing(m.addr, &redis_state(REDIS));
         let g = gateway(&cfg, &[]);
-        connected(&g).await;
+        redis_connected(&g).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         probes_in(&m, window).await
     };
-    let cfg = probing(m.addr, &state(REDIS, &prefix()));
+    let cfg = probing(m.addr, &redis_state(REDIS));
     let mut replicas = vec![gateway(&cfg, &[]), gateway(&cfg, &[]), gateway(&cfg, &[])];
     for g in &replicas {
-        connected(g).await;
+        redis_connected(g).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let three = probes_in(&m, window).await;
@@ -258,7 +228,7 @@ async fn a_redis_outage_fails_no_request_and_the_replica_resynchronises_when_it_
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let (ma, mb) = (mock("a", "gpt", &[]), mock("b", "gpt", &[]));
-    let cfg = two_endpoints(ma.addr, mb.addr, &state(&url, &prefix()));
+    let cfg = two_endpoints(ma.addr, mb.addr, &redis_state(&url));
     // A replica starts while its Redis is down, and serves.
     let early = gateway(&cfg, &[]);
     assert_eq!(post(&early.url("/v1/chat/completions"), &chat("gpt")).await.status, 200);
@@ -266,9 +236,9 @@ async fn a_redis_outage_fails_no_request_and_the_replica_resynchronises_when_it_
     let metrics = get(&early.url("/metrics")).await.text();
     assert!(metrics.contains("sheepdog_state_backend_up 0"), "{metrics}");
     let mut redis = OwnRedis::start(port);
-    connected(&early).await;
+    redis_connected(&early).await;
     let g = gateway(&cfg, &[]);
-    connected(&g).await;
+    redis_connected(&g).await;
     // Load through a replica; Redis dies in the middle.
     let load = {
         let url = g.url("/v1/chat/completions");
@@ -294,8 +264,8 @@ async fn a_redis_outage_fails_no_request_and_the_replica_resynchronises_when_it_
     let auth = [("authorization", "Bearer adm")];
     assert_eq!(request("POST", &g.url("/admin/endpoints/a/disable"), &auth, "").await.status, 200);
     let _redis = OwnRedis::start(port);
-    connected(&g).await;
-    connected(&early).await;
+    redis_connected(&g).await;
+    redis_connected(&early).await;
     eventually(Duration::from_secs(3), "the drain made during the outage is shared", || async {
         !enabled(&early, "a").await
     })
@@ -315,9 +285,9 @@ async fn a_redis_that_hangs_is_timed_out_and_requests_do_not_wait_for_it() {
     let port = free_port();
     let redis = OwnRedis::start(port);
     let (ma, mb) = (mock("a", "gpt", &[]), mock("b", "gpt", &[]));
-    let cfg = two_endpoints(ma.addr, mb.addr, &state(&format!("redis://127.0.0.1:{port}"), &prefix()));
+    let cfg = two_endpoints(ma.addr, mb.addr, &redis_state(&format!("redis://127.0.0.1:{port}")));
     let g = gateway(&cfg, &[]);
-    connected(&g).await;
+    redis_connected(&g).await;
     let pid = redis.0.id().to_string();
     Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     // A drain now must not wait for Redis either.
@@ -334,7 +304,7 @@ async fn a_redis_that_hangs_is_timed_out_and_requests_do_not_wait_for_it() {
     })
     .await;
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-    connected(&g).await;
+    redis_connected(&g).await;
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
     let p = cfg.split("key_prefix = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
     let key = format!("{p}:drain:a");

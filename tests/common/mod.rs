@@ -460,3 +460,36 @@ impl TestUpstream {
             .count()
     }
 }
+
+// Redis-backed state (tests/shared_state.rs, tests/shared_counters.rs).
+
+/// The Redis every machine of the project runs.
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Whether Redis runs on 127.0.0.1:6379; without it a test skips with a message, unless
+/// `SHEEPDOG_REQUIRE_REDIS=1` (CI), where that is a failure.
+pub fn redis_up() -> bool {
+    let up = std::net::TcpStream::connect_timeout(&"127.0.0.1:6379".parse().unwrap(), Duration::from_secs(1)).is_ok();
+    if !up {
+        assert!(
+            std::env::var("SHEEPDOG_REQUIRE_REDIS").as_deref() != Ok("1"),
+            "Redis is not running on 127.0.0.1:6379 and SHEEPDOG_REQUIRE_REDIS=1"
+        );
+        eprintln!("skipped: Redis is not running on 127.0.0.1:6379 (set SHEEPDOG_REQUIRE_REDIS=1 to fail instead)");
+    }
+    up
+}
+
+/// A `[state]` section for the Redis at `url`, under a key prefix of this test alone.
+pub fn redis_state(url: &str) -> String {
+    let prefix = format!("t{:x}", rand::random::<u64>());
+    format!("[state]\nbackend = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n")
+}
+
+/// Wait until the replica's `/status` says it reached Redis.
+pub async fn redis_connected(gw: &Gateway) {
+    eventually(Duration::from_secs(10), "the replica reaches Redis", || async {
+        get(&gw.url("/status")).await.json()["state"]["connected"] == true
+    })
+    .await;
+}
