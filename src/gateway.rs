@@ -9,13 +9,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use sheepdog_policy::budget::Crossing;
+use sheepdog_policy::pricing::Nanos;
 use tokio::sync::Semaphore;
 
 use crate::clock::Clock;
 use crate::config::{self, Config, ConfigError};
 use crate::log::{OpenError, RequestLog};
 use crate::metrics::Metrics;
-use crate::state::{Changes, Outbox, Runtime, Shared};
+use crate::state::{Budget, Changes, Outbox, Runtime, Shared};
 use crate::upstream::MemoryUpstream;
 
 /// Requests that may wait at once for a candidate to recover (beyond this they fail at once).
@@ -183,6 +185,30 @@ impl Gateway {
         self.runtime.store(Arc::new(rt));
         self.changes.notify();
         Reloaded { needs_restart }
+    }
+
+    /// Announce thresholds a budget's spend crossed — a warning, the crossing metric, the budget's webhook
+    /// (posted off the caller's path) — for a request's settlement in *finish*, or for the fleet's total when
+    /// this replica's addition carried it across (`by_fleet`).
+    pub fn announce_crossings(&self, b: &Budget, crossed: &[Crossing], spent: Nanos, by_fleet: bool) {
+        for c in crossed {
+            let (budget, threshold, spent_usd) = (b.name(), c.as_str(), spent.usd());
+            if by_fleet {
+                tracing::warn!(budget, threshold, spent_usd, "budget threshold crossed by the fleet");
+            } else {
+                tracing::warn!(budget, threshold, spent_usd, "budget threshold crossed");
+            }
+            self.metrics.budgets.crossing(budget, threshold);
+            if let Some(url) = &b.cfg.webhook {
+                let body = serde_json::json!({
+                    "budget": budget,
+                    "threshold": threshold,
+                    "spent_usd": spent_usd,
+                    "period": b.cfg.period.name(),
+                });
+                crate::upstream::webhook::post(url, body.to_string(), self.metrics.webhook_failures.clone());
+            }
+        }
     }
 }
 

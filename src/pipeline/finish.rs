@@ -14,7 +14,6 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use sheepdog_policy::budget::Crossing;
 use sheepdog_policy::pricing::{self, Nanos, Tokens};
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -411,7 +410,7 @@ impl Finish {
         for r in &self.reservations {
             let c = if counts(&r.budget) { cost } else { Nanos::ZERO };
             let (crossed, total) = r.budget.settle(r.amount, c, now);
-            self.crossed(&r.budget, &crossed, total);
+            self.gw.announce_crossings(&r.budget, &crossed, total, false);
         }
         if cost == Nanos::ZERO {
             return;
@@ -420,31 +419,8 @@ impl Finish {
             for b in rt.budgets.iter().filter(|b| counts(b)) {
                 if !self.reservations.iter().any(|r| Arc::ptr_eq(&r.budget.ledger, &b.ledger)) {
                     let (crossed, total) = b.settle(Nanos::ZERO, cost, now);
-                    self.crossed(b, &crossed, total);
+                    self.gw.announce_crossings(b, &crossed, total, false);
                 }
-            }
-        }
-    }
-
-    /// Announce thresholds a budget's spend just crossed: a warning, a metric, the webhook (posted off the
-    /// request's path).
-    fn crossed(&self, b: &Budget, crossed: &[Crossing], spent: Nanos) {
-        for c in crossed {
-            tracing::warn!(
-                budget = b.name(),
-                threshold = c.as_str(),
-                spent_usd = spent.usd(),
-                "budget threshold crossed"
-            );
-            self.gw.metrics.budgets.crossing(b.name(), c.as_str());
-            if let Some(url) = &b.cfg.webhook {
-                let body = serde_json::json!({
-                    "budget": b.name(),
-                    "threshold": c.as_str(),
-                    "spent_usd": spent.usd(),
-                    "period": b.cfg.period.name(),
-                });
-                crate::upstream::webhook::post(url, body.to_string(), self.gw.metrics.webhook_failures.clone());
             }
         }
     }

@@ -20,13 +20,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use sheepdog_policy::budget::Crossing;
 use sheepdog_policy::pricing::Nanos;
 use tokio::sync::watch;
 
 use super::Redis;
 use crate::gateway::Gateway;
-use crate::state::budgets::{period, Budget};
+use crate::state::budgets::period;
 
 /// How often the counters are flushed (the overshoot bound of ARCHITECTURE.md is in these).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -156,7 +155,7 @@ async fn flush(gw: &Gateway, sh: &Redis, f: &mut Flusher) {
         b.publish(&mut l, unix);
         let spent = l.spent(unix);
         drop(l);
-        announce(gw, b, &crossed, spent);
+        gw.announce_crossings(b, &crossed, spent, true);
     }
     let now = gw.now_ms();
     let n = batch.budgets.len();
@@ -173,29 +172,6 @@ async fn flush(gw: &Gateway, sh: &Redis, f: &mut Flusher) {
         }
         if let Some(c) = rt.clients.iter().find(|c| &c.cfg.name == name) {
             c.live.limits.lock().charge_remote(others.0, others.1, now);
-        }
-    }
-}
-
-/// Announce thresholds the fleet's spend crossed through this replica's addition (as the pipeline does for a
-/// crossing it sees first): a warning, the metric and the webhook.
-fn announce(gw: &Gateway, b: &Budget, crossed: &[Crossing], spent: Nanos) {
-    for c in crossed {
-        tracing::warn!(
-            budget = b.name(),
-            threshold = c.as_str(),
-            spent_usd = spent.usd(),
-            "budget threshold crossed by the fleet"
-        );
-        gw.metrics.budgets.crossing(b.name(), c.as_str());
-        if let Some(url) = &b.cfg.webhook {
-            let body = serde_json::json!({
-                "budget": b.name(),
-                "threshold": c.as_str(),
-                "spent_usd": spent.usd(),
-                "period": b.cfg.period.name(),
-            });
-            crate::upstream::webhook::post(url, body.to_string(), gw.metrics.webhook_failures.clone());
         }
     }
 }

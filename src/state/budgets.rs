@@ -3,7 +3,7 @@
 //!
 //! The decisions are the policy crate's ([`sheepdog_policy::budget`]); this module holds ledgers under short
 //! locks, applies a budget's model and client filters, and rebuilds spend from the request log at start. It
-//! does no network I/O (the webhook is posted by the pipeline's *finish*).
+//! does no network I/O (crossings are announced, webhook included, by `Gateway::announce_crossings`).
 
 use std::sync::Arc;
 

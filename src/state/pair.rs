@@ -488,7 +488,8 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
-    fn pair() -> Arc<Pair> {
+    /// A pair `e` × `m` that publishes to `outbox`.
+    fn pair_with(outbox: Outbox) -> Pair {
         let spec = PairSpec {
             endpoint: "e",
             base_url: "http://x/v1",
@@ -497,12 +498,11 @@ mod tests {
             kind: ModelKind::Chat,
             history: 10,
         };
-        Arc::new(Pair::new(
-            &spec,
-            Metrics::new().pair("e", "m", ModelKind::Chat),
-            Changes::default(),
-            Outbox::default(),
-        ))
+        Pair::new(&spec, Metrics::new().pair("e", "m", ModelKind::Chat), Changes::default(), outbox)
+    }
+
+    fn pair() -> Arc<Pair> {
+        Arc::new(pair_with(Outbox::default()))
     }
 
     fn policy() -> PairPolicy {
@@ -541,15 +541,7 @@ mod tests {
     #[test]
     fn local_openings_and_closings_go_to_the_outbox_remote_ones_do_not() {
         let (outbox, mut rx) = Outbox::channel();
-        let spec = PairSpec {
-            endpoint: "e",
-            base_url: "http://x/v1",
-            max_latency_ms: 1000,
-            model: "m",
-            kind: ModelKind::Chat,
-            history: 10,
-        };
-        let p = Pair::new(&spec, Metrics::new().pair("e", "m", ModelKind::Chat), Changes::default(), outbox);
+        let p = pair_with(outbox);
         let pol = policy();
         for t in [10, 20] {
             p.admit(&pol.breaker, t);
