@@ -4,6 +4,7 @@
 
 pub mod check;
 mod healthcheck;
+mod log_format;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -147,19 +148,23 @@ fn init_logging(format: LogFormat, default: &str) {
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         // Plain text writes `name=value` without the styling machinery the default field formatter runs even
-        // when colours are off (a tenth of the access line's cost).
+        // when colours are off; the access line is written by `log_format` in the same layout.
         LogFormat::Text if !ansi => {
-            use tracing_subscriber::field::MakeExt;
-            let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| match field.name() {
-                "message" => write!(w, "{value:?}"),
-                name => write!(w, "{name}={value:?}"),
-            })
-            .delimited(" ");
-            fmt.fmt_fields(fields).try_init()
+            let events = log_format::AccessFast::text(tracing_subscriber::fmt::format());
+            fmt.fmt_fields(log_format::text_fields()).event_format(events).try_init()
         }
         LogFormat::Text => fmt.try_init(),
         // Fields at the top level of each object, beside `timestamp`, `level`, `target` and `message`.
-        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+        LogFormat::Json => {
+            let events = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false);
+            fmt.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(log_format::AccessFast::json(events))
+                .try_init()
+        }
     };
 }
 

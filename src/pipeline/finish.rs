@@ -27,6 +27,9 @@ use crate::metrics::{status_label, ModelMetrics, Operation, Reason, ANONYMOUS};
 use crate::protocol::{Api, ApiError};
 use crate::state::{Budget, Client, Endpoint, InFlight, Model, Outcome, Pair, Runtime, Source};
 
+/// The `tracing` target of the one access-log line per request (written fast by `cli::log_format`).
+pub const ACCESS_TARGET: &str = "sheepdog::access";
+
 /// The route reason of an answer served by a fallback model.
 pub const FALLBACK: &str = "fallback";
 
@@ -361,7 +364,7 @@ impl Finish {
             tokens: served.and_then(|(_, _, s)| s.usage).map(|u| (u.prompt, u.completion)),
         });
         tracing::info!(
-            target: "sheepdog::access",
+            target: ACCESS_TARGET,
             request_id = %request_id,
             client,
             api = entry.api,

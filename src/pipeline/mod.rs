@@ -36,7 +36,7 @@ use http_body::Body as HttpBody;
 use tokio::time::Instant;
 
 pub use body::{error_response, Body};
-pub use finish::Finish;
+pub use finish::{Finish, ACCESS_TARGET};
 pub use relay::Relay;
 
 use std::borrow::Cow;
