@@ -99,6 +99,9 @@ struct StreamArgs {
     /// Once every stream has its first chunk, read VmRSS of this process (the server under test).
     #[arg(long)]
     hold_pid: Option<u32>,
+    /// Ask for the stream's usage (`stream_options.include_usage`), so the gateway hides nothing.
+    #[arg(long)]
+    include_usage: bool,
     /// Give up on a stream after this many seconds.
     #[arg(long, default_value_t = 300.0)]
     timeout_s: f64,
@@ -466,12 +469,15 @@ async fn stream_cmd(a: StreamArgs) -> Result<(), BoxError> {
             a.streams
         );
     }
-    let body = json!({
+    let mut body = json!({
         "model": a.model,
         "stream": true,
         "max_tokens": a.chunks,
         "messages": [{"role": "user", "content": "Tell me a long story, piece by piece."}],
     });
+    if a.include_usage {
+        body["stream_options"] = json!({"include_usage": true});
+    }
     let plan = Arc::new(StreamPlan {
         target: Target::parse(&a.url)?,
         headers: parse_headers(&a.headers)?,
