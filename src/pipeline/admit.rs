@@ -13,7 +13,7 @@ use http::StatusCode;
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use sheepdog_policy::pricing::Tokens;
-use sheepdog_policy::ratelimit::{format_reset, Which};
+use sheepdog_policy::ratelimit::{format_reset, write_reset, Which};
 
 use crate::protocol::{openai, Api, ApiError, RequestInfo};
 use crate::state::{Client, ParallelGuard, Runtime};
@@ -224,11 +224,16 @@ pub fn limit(client: &Arc<Client>, tokens: u64, now_ms: u64) -> Result<Grant, Ap
 /// have is left out).
 pub fn ratelimit_headers(client: &Client, now_ms: u64, h: &mut HeaderMap) {
     let snap = client.live.limits.lock().snapshot(now_ms);
-    let put = |h: &mut HeaderMap, names: &[HeaderName; 3], fig: Option<(u64, u64, u64)>| {
+    // Room for all six at once: the map grows (and rehashes) once, not header by header.
+    h.reserve(6);
+    let mut reset_text = String::with_capacity(16);
+    let mut put = |h: &mut HeaderMap, names: &[HeaderName; 3], fig: Option<(u64, u64, u64)>| {
         if let Some((limit, remaining, reset)) = fig {
             h.insert(names[0].clone(), HeaderValue::from(limit));
             h.insert(names[1].clone(), HeaderValue::from(remaining));
-            if let Ok(v) = HeaderValue::from_str(&format_reset(reset)) {
+            reset_text.clear();
+            write_reset(reset, &mut reset_text);
+            if let Ok(v) = HeaderValue::from_str(&reset_text) {
                 h.insert(names[2].clone(), v);
             }
         }

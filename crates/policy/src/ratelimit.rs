@@ -195,22 +195,57 @@ impl Limits {
 
 /// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1s`, `6.5s`, `6m0s`, `1h2m3s`.
 pub fn format_reset(ms: u64) -> String {
+    let mut s = String::with_capacity(16);
+    write_reset(ms, &mut s);
+    s
+}
+
+/// [`format_reset`] appended to `out`, without formatting machinery (it is written on every answer to a
+/// client with limits, twice).
+pub fn write_reset(ms: u64, out: &mut String) {
     if ms < 1000 {
-        return format!("{ms}ms");
+        push_decimal(out, ms);
+        out.push_str("ms");
+        return;
     }
     let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
-    let s = if rest % 1000 == 0 {
-        format!("{}s", rest / 1000)
-    } else {
-        let t = format!("{}.{:03}", rest / 1000, rest % 1000);
-        format!("{}s", t.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => s,
-        (0, m) => format!("{m}m{s}"),
-        (h, m) => format!("{h}h{m}m{s}"),
+    if h > 0 {
+        push_decimal(out, h);
+        out.push('h');
     }
+    if h > 0 || m > 0 {
+        push_decimal(out, m);
+        out.push('m');
+    }
+    push_decimal(out, rest / 1000);
+    let mut frac = rest % 1000;
+    if frac != 0 {
+        out.push('.');
+        // Three digits, without the trailing zeros.
+        let mut digits = 3;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        let text = [b'0' + (frac / 100 % 10) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8];
+        out.push_str(std::str::from_utf8(&text[3 - digits..]).unwrap_or_default());
+    }
+    out.push('s');
+}
+
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -291,5 +326,32 @@ mod tests {
         assert_eq!(format_reset(360_000), "6m0s");
         assert_eq!(format_reset(3_723_000), "1h2m3s");
         assert_eq!(format_reset(61_250), "1m1.25s");
+        assert_eq!(format_reset(0), "0ms");
+        assert_eq!(format_reset(999), "999ms");
+        assert_eq!(format_reset(1_001), "1.001s");
+        assert_eq!(format_reset(1_010), "1.01s");
+        assert_eq!(format_reset(7_200_000), "2h0m0s");
+        // As it was written with `format!`, for every value up to a few hours.
+        let reference = |ms: u64| {
+            if ms < 1000 {
+                return format!("{ms}ms");
+            }
+            let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+            let (m, rest) = (rest / 60_000, rest % 60_000);
+            let s = if rest % 1000 == 0 {
+                format!("{}s", rest / 1000)
+            } else {
+                format!("{}s", format!("{}.{:03}", rest / 1000, rest % 1000).trim_end_matches('0'))
+            };
+            match (h, m) {
+                (0, 0) => s,
+                (0, m) => format!("{m}m{s}"),
+                (h, m) => format!("{h}h{m}m{s}"),
+            }
+        };
+        assert_eq!(format_reset(u64::MAX), reference(u64::MAX));
+        for ms in (0..20_000).chain((0..4_000_000).step_by(997)) {
+            assert_eq!(format_reset(ms), reference(ms), "{ms}");
+        }
     }
 }
