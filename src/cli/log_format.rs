@@ -63,23 +63,22 @@ where
         }
         #[cfg(test)]
         tests::FAST_LINES.with(|n| n.set(n.get() + 1));
-        let mut line = Line { out: String::with_capacity(0), json: self.json, first: true };
         LINE.with(|buf| {
             // One buffer per thread, reused: the writer copies the line out before the next one starts.
             let mut buf = buf.borrow_mut();
             buf.clear();
-            line.out = std::mem::take(&mut *buf);
+            let mut line = Line { out: &mut buf, json: self.json, first: true };
             let level = meta.level().as_str();
             if self.json {
                 line.out.push_str("{\"timestamp\":\"");
-                timestamp(&mut line.out);
+                timestamp(line.out);
                 line.out.push_str("\",\"level\":\"");
                 line.out.push_str(level);
                 line.out.push('"');
                 line.first = false;
             } else {
-                timestamp(&mut line.out);
-                // The level right-aligned in five columns.
+                timestamp(line.out);
+                // A space, then the level right-aligned in five columns.
                 for _ in level.len()..6 {
                     line.out.push(' ');
                 }
@@ -95,9 +94,7 @@ where
                 line.out.push_str("\"}");
             }
             line.out.push('\n');
-            let r = w.write_str(&line.out);
-            *buf = std::mem::take(&mut line.out);
-            r
+            w.write_str(&buf)
         })
     }
 }
@@ -138,14 +135,14 @@ fn timestamp_at(out: &mut String, now: std::time::Duration) {
 }
 
 /// The fields of one access line being written.
-struct Line {
-    out: String,
+struct Line<'a> {
+    out: &'a mut String,
     json: bool,
     /// No field written yet (text: no delimiter before it).
     first: bool,
 }
 
-impl Line {
+impl Line<'_> {
     /// The field's name and separator, so that its value comes next.
     fn name(&mut self, field: &Field) {
         if self.json {
@@ -172,7 +169,7 @@ impl Line {
             self.out.push_str(s);
             self.out.push('"');
         } else if self.json {
-            let _ = serde_json::to_writer(Utf8Sink(&mut self.out), s);
+            let _ = serde_json::to_writer(Utf8Sink(self.out), s);
         } else {
             let _ = write!(self.out, "{s:?}");
         }
@@ -197,7 +194,7 @@ impl std::io::Write for Utf8Sink<'_> {
     }
 }
 
-impl Visit for Line {
+impl Visit for Line<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.name(field);
         self.quoted(value);
@@ -388,13 +385,13 @@ mod tests {
                 // Every magnitude from 1e-6 to 1e12.
                 _ => 10f64.powf(rng.gen_range(-6.0..12.0)),
             };
-            let mut line = Line { out: String::new(), json: false, first: true };
-            line.record_f64(&x, v);
-            assert_eq!(line.out, format!("x={v:?}"));
-            line = Line { out: String::new(), json: true, first: false };
-            line.record_f64(&x, v);
+            let mut out = String::new();
+            Line { out: &mut out, json: false, first: true }.record_f64(&x, v);
+            assert_eq!(out, format!("x={v:?}"));
+            out.clear();
+            Line { out: &mut out, json: true, first: false }.record_f64(&x, v);
             let want = serde_json::to_string(&v).unwrap();
-            assert_eq!(line.out, format!(",\"x\":{want}"));
+            assert_eq!(out, format!(",\"x\":{want}"));
         }
     }
 
