@@ -1,7 +1,7 @@
 //! Client connections as a resource: how many may be open ([`limit`], derived from the file limit so that
 //! upstream sockets, the request log and state files always find a descriptor), the gate that closes the ones
 //! past it at once ([`Gate`]), the accept loop's backoff when the process runs out of descriptors anyway
-//! ([`AcceptBackoff`]: no log line per attempt), and giving memory back after a flood ([`Trimmer`]).
+//! ([`AcceptBackoff`]: no log line per attempt).
 //!
 //! Decides nothing about requests; counts in `sheepdog_connections_*`.
 
@@ -121,50 +121,6 @@ impl AcceptBackoff {
     }
 }
 
-/// Gives freed heap back to the system after many connections closed: glibc keeps freed memory in its arenas,
-/// so a flood of idle connections would pin its peak RSS for good. Checked every [`Trimmer::EVERY`]; trims
-/// when the open connections fell by [`Trimmer::DROP`] or more from their peak since the last trim.
-pub struct Trimmer {
-    peak: usize,
-}
-
-impl Trimmer {
-    /// How often the connection count is looked at.
-    pub const EVERY: Duration = Duration::from_secs(5);
-    /// A fall from the peak that is worth a trim.
-    pub const DROP: usize = 256;
-
-    /// A trimmer that has seen no connection yet.
-    pub fn new() -> Trimmer {
-        Trimmer { peak: 0 }
-    }
-
-    /// Look at the open connections now; true when memory should be trimmed.
-    pub fn due(&mut self, open: usize) -> bool {
-        self.peak = self.peak.max(open);
-        if self.peak - open >= Self::DROP {
-            self.peak = open;
-            return true;
-        }
-        false
-    }
-}
-
-impl Default for Trimmer {
-    fn default() -> Self {
-        Trimmer::new()
-    }
-}
-
-/// Return free heap pages to the system (glibc); elsewhere a no-op.
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,15 +154,5 @@ mod tests {
         assert_eq!(pauses, vec![5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
         b.succeeded();
         assert_eq!(b.failed(&e).as_millis(), 5);
-    }
-
-    #[test]
-    fn trims_after_a_large_fall_from_the_peak() {
-        let mut t = Trimmer::new();
-        assert!(!t.due(10));
-        assert!(!t.due(5000));
-        assert!(!t.due(4900));
-        assert!(t.due(100));
-        assert!(!t.due(100), "the peak starts again from here");
     }
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod connections;
 pub mod dashboard;
+pub mod heap;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -51,10 +52,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
     let gate = connections::Gate::new(connections::limit(server.max_connections, connections::raise_file_limit()));
     tracing::debug!(max_connections = gate.limit(), "client connection limit");
     let mut backoff = connections::AcceptBackoff::default();
-    let mut trimmer = connections::Trimmer::new();
+    let trimmer = Arc::new(parking_lot::Mutex::new(heap::Trimmer::new()));
     // SHEEPDOG_NO_TRIM=1 leaves the heap as the allocator keeps it (for `bench/flood.sh`'s comparison).
     let trim_heap = std::env::var_os("SHEEPDOG_NO_TRIM").is_none();
-    let mut trim_check = tokio::time::interval(connections::Trimmer::EVERY);
+    let mut trim_check = tokio::time::interval(heap::Trimmer::EVERY);
     trim_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let m = &gw.metrics;
     let mut rejected_warned: Option<tokio::time::Instant> = None;
@@ -103,8 +104,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                 });
             }
             _ = trim_check.tick() => {
-                if trim_heap && trimmer.due(gate.open()) {
-                    tokio::task::spawn_blocking(connections::trim_heap);
+                if trim_heap {
+                    let trimmer = trimmer.clone();
+                    tokio::task::spawn_blocking(move || heap::check(&trimmer));
                 }
             }
             _ = shutdown.changed() => break,
