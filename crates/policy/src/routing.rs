@@ -6,8 +6,8 @@
 //! messages match none, and the pass that stops at the first match costs a third of the one that finds them
 //! all). A literal prefilter is used only when it is a fast one (memchr, memmem, Teddy): the case-insensitive
 //! keywords of many rules expand into more literals than those take, and the automaton left then costs three
-//! times the lazy DFA it was meant to spare. The cheap conditions (tools, headers, metadata) are checked first, the
-//! message is only looked at when a rule needs it, and tokens are only counted when a rule has a bound.
+//! times the lazy DFA it was meant to spare. The cheap conditions (tools, headers, metadata) are checked first,
+//! the message is only looked at when a rule needs it, and tokens are only counted when a rule has a bound.
 //! Rules are tried in file order; the first whose conditions all hold wins, else the alias's default rule.
 //!
 //! Pure: the caller extracts the message, headers and metadata from the request (the wire format is not known
