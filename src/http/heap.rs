@@ -72,7 +72,7 @@ pub fn check(trimmer: &Mutex<Trimmer>) {
     tracing::debug!(
         held_free_mb = free >> 20,
         returned_mb = rss.zip(resident_bytes()).map_or(0, |(b, a)| b.saturating_sub(a) >> 20),
-        took_ms = started.elapsed().as_secs_f64() * 1000.0,
+        took_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0,
         "heap trimmed"
     );
 }
