@@ -169,7 +169,8 @@ impl Line<'_> {
             self.out.push_str(s);
             self.out.push('"');
         } else if self.json {
-            let _ = serde_json::to_writer(Utf8Sink(self.out), s);
+            // Rare (a name with quotes, backslashes, control or non-ASCII characters): serde_json's escaping.
+            self.out.push_str(&serde_json::to_string(s).unwrap_or_default());
         } else {
             let _ = write!(self.out, "{s:?}");
         }
@@ -177,20 +178,6 @@ impl Line<'_> {
 
     fn unsigned(&mut self, n: u64) {
         self.out.push_str(itoa::Buffer::new().format(n));
-    }
-}
-
-/// serde_json's writer into a `String` (it writes only whole UTF-8 strings it was given).
-struct Utf8Sink<'a>(&'a mut String);
-
-impl std::io::Write for Utf8Sink<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.push_str(std::str::from_utf8(b).map_err(std::io::Error::other)?);
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

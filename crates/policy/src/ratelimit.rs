@@ -204,48 +204,28 @@ pub fn format_reset(ms: u64) -> String {
 /// client with limits, twice).
 pub fn write_reset(ms: u64, out: &mut String) {
     if ms < 1000 {
-        push_decimal(out, ms);
+        out.push_str(itoa::Buffer::new().format(ms));
         out.push_str("ms");
         return;
     }
     let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     if h > 0 {
-        push_decimal(out, h);
+        out.push_str(itoa::Buffer::new().format(h));
         out.push('h');
     }
     if h > 0 || m > 0 {
-        push_decimal(out, m);
+        out.push_str(itoa::Buffer::new().format(m));
         out.push('m');
     }
-    push_decimal(out, rest / 1000);
-    let mut frac = rest % 1000;
-    if frac != 0 {
+    out.push_str(itoa::Buffer::new().format(rest / 1000));
+    if rest % 1000 != 0 {
+        // Three digits (1000 + frac without its leading 1), without the trailing zeros.
+        let mut digits = itoa::Buffer::new();
         out.push('.');
-        // Three digits, without the trailing zeros.
-        let mut digits = 3;
-        while frac % 10 == 0 {
-            frac /= 10;
-            digits -= 1;
-        }
-        let text = [b'0' + (frac / 100 % 10) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8];
-        out.push_str(std::str::from_utf8(&text[3 - digits..]).unwrap_or_default());
+        out.push_str(digits.format(1000 + rest % 1000)[1..].trim_end_matches('0'));
     }
     out.push('s');
-}
-
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 #[cfg(test)]
