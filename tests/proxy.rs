@@ -426,3 +426,30 @@ async fn stream_idle_timeout_counts_from_the_last_chunk() {
     assert!(last - first < Duration::from_secs(6), "not cut at the first gap: {:?}", last - first);
     assert!(s.content().len() < expected("alpha", "gpt-4.1").len(), "the stream was cut short");
 }
+
+/// The gateway keeps its upstream connections: sequential answers, and streams (which the relay stops reading
+/// at `data: [DONE]`, before the body's last chunk), go over the same few connections instead of one each.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let m = mock("alpha", "gpt-4.1", &["--tokens-per-sec", "0"]);
+    let cfg = quiet_config(&[("alpha", m.addr, "models = [\"gpt-4.1\"]")], &model("gpt-4.1", ""), "");
+    let gw = gateway(&cfg, &[]);
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(post(&url, &chat("gpt-4.1")).await.status, 200);
+    assert_eq!(post(&m.url("/_mock/stats/reset"), "").await.status, 200);
+    let streamed =
+        serde_json::json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    for _ in 0..10 {
+        let r = post(&url, &chat("gpt-4.1")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let s = stream(&url, &streamed).await;
+        assert_eq!(s.events().last().map(String::as_str), Some("[DONE]"), "{}", s.text());
+    }
+    let s = mock_stats(&m).await;
+    assert_eq!(s["requests"], 20, "{s}");
+    // One connection for the gateway, one for this test's own requests to the mock; a stream's connection may
+    // still be finishing its last chunk when the next request comes, and then one more is opened.
+    let accepted = s["accepted"].as_u64().unwrap();
+    assert!(accepted <= 6, "{accepted} connections accepted for 20 requests: {s}");
+}

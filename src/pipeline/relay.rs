@@ -127,7 +127,8 @@ impl Relay {
                         k.push(&scanned.out);
                     }
                     if scanned.done {
-                        // Nothing after `data: [DONE]` reaches the client.
+                        // Nothing after `data: [DONE]` reaches the client; the connection is reused.
+                        std::mem::replace(&mut self.upstream, UpstreamBody::Ended).finish();
                         self.end(Ending::Complete);
                     } else if self.scanner.overflowed() {
                         return self.fail("an event larger than 4 MB", "error");

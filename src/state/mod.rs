@@ -193,10 +193,11 @@ impl Runtime {
         for e in &config.endpoints {
             let prev = old.and_then(|o| o.endpoints.iter().find(|p| p.cfg.name == e.name));
             let same_conn = prev.filter(|p| p.cfg.base_url == e.base_url && p.cfg.connect_timeout == e.connect_timeout);
+            let base = BaseUrl::parse(&e.base_url).unwrap_or_else(|| unreachable!("validated by config"));
             let transport = match (shared.memory.get(&e.name), same_conn) {
                 (Some(m), _) => Transport::Memory(m.clone()),
                 (None, Some(p)) => p.transport.clone(),
-                (None, None) => Transport::Http(upstream::http_client(e.connect_timeout)),
+                (None, None) => Transport::Http(upstream::Pool::new(&base.join("/"), e.connect_timeout)),
             };
             let keys = match prev.filter(|p| p.keys.same_keys(&e.api_keys)) {
                 Some(p) => p.keys.clone(),
@@ -228,7 +229,6 @@ impl Runtime {
                     }
                 })
                 .collect();
-            let base = BaseUrl::parse(&e.base_url).unwrap_or_else(|| unreachable!("validated by config"));
             endpoints.push(Arc::new(Endpoint {
                 cfg: e.clone(),
                 chat_uri: base.join("/chat/completions"),

@@ -1,4 +1,4 @@
-//! How a request reaches an endpoint: over the network through its pooled keep-alive HTTP(S) client, or to an
+//! How a request reaches an endpoint: over the network on its keep-alive connections ([`Pool`]), or to an
 //! in-memory upstream ([`MemoryUpstream`]) so that pipeline tests run without sockets under tokio's paused
 //! clock. Both give an answer whose body is an [`UpstreamBody`].
 
@@ -14,108 +14,31 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// The pooled HTTP(S) client of one endpoint.
-pub type HttpClient = Client<Stamping<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+use super::pool::{Lease, Pool};
+
+/// A pooled HTTP(S) client for requests to any host (budget webhooks, `sheepdog healthcheck`); endpoints
+/// have a [`Pool`] of their own.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// An error reading an upstream body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Build the pooled keep-alive client for an endpoint with this connect timeout.
+/// Build a pooled keep-alive client with this connect timeout.
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(Stamping(https))
-}
-
-/// A connector that stamps each connection with the time it was opened, so that a request that failed on a
-/// connection opened before it was sent is known to have met a pooled connection the upstream had closed.
-#[derive(Clone)]
-pub struct Stamping<C>(C);
-
-/// When a connection was opened (kept in its `Connected` extras).
-#[derive(Clone, Copy, Debug)]
-struct Opened(std::time::Instant);
-
-/// A connection with its [`Opened`] stamp.
-pub struct Stamped<T> {
-    io: T,
-    opened: std::time::Instant,
-}
-
-impl<C> tower_service::Service<http::Uri> for Stamping<C>
-where
-    C: tower_service::Service<http::Uri>,
-    C::Future: Send + 'static,
-{
-    type Response = Stamped<C::Response>;
-    type Error = C::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Stamped<C::Response>, C::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move { connecting.await.map(|io| Stamped { io, opened: std::time::Instant::now() }) })
-    }
-}
-
-impl<T: Connection> Connection for Stamped<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected().extra(Opened(self.opened))
-    }
-}
-
-impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Stamped<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Stamped<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
+    Client::builder(TokioExecutor::new()).build(https)
 }
 
 /// A future of an upstream answer's head.
@@ -130,8 +53,8 @@ pub trait MemoryUpstream: Send + Sync + 'static {
 /// How requests reach one endpoint.
 #[derive(Clone)]
 pub enum Transport {
-    /// Over the network.
-    Http(HttpClient),
+    /// Over the network, on the endpoint's keep-alive connections.
+    Http(Pool),
     /// In memory.
     Memory(Arc<dyn MemoryUpstream>),
 }
@@ -140,12 +63,9 @@ impl Transport {
     /// Send a request and wait for the answer's head.
     pub async fn send(&self, req: Request<Bytes>) -> Result<Response<UpstreamBody>, TransportError> {
         match self {
-            Transport::Http(c) => {
-                let sent = std::time::Instant::now();
-                match c.request(req.map(Full::new)).await {
-                    Ok(r) => Ok(r.map(UpstreamBody::Http)),
-                    Err(e) => Err(TransportError::from_client(&e, sent)),
-                }
+            Transport::Http(p) => {
+                let (resp, lease) = p.send(req).await?;
+                Ok(resp.map(|body| UpstreamBody::Http { body, lease: Some(lease) }))
             }
             Transport::Memory(m) => m.call(req).await,
         }
@@ -166,31 +86,25 @@ pub struct TransportError {
     pub stale: bool,
 }
 
-impl TransportError {
-    fn from_client(e: &hyper_util::client::legacy::Error, sent: std::time::Instant) -> TransportError {
-        let reused = e.connect_info().is_some_and(|c| {
-            let mut ext = http::Extensions::new();
-            c.get_extras(&mut ext);
-            ext.get::<Opened>().is_some_and(|o| o.0 < sent)
-        });
-        let closed = closed_without_answer(e);
-        let mut what = String::from(if e.is_connect() { "connection failed" } else { "connection error" });
-        let mut src = std::error::Error::source(e);
-        let mut depth = 0;
-        while let Some(inner) = src {
-            if depth == 0 || inner.source().is_none() {
-                what.push_str(": ");
-                what.push_str(&inner.to_string());
-            }
-            src = inner.source();
-            depth += 1;
+/// `prefix`, then the error's own description and that of its innermost cause (never a key: request headers
+/// are not part of errors).
+pub(super) fn describe(prefix: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut what = String::from(prefix);
+    what.push_str(": ");
+    what.push_str(&e.to_string());
+    let mut src = e.source();
+    while let Some(inner) = src {
+        if inner.source().is_none() {
+            what.push_str(": ");
+            what.push_str(&inner.to_string());
         }
-        TransportError { what, connect: e.is_connect(), stale: reused && closed && !e.is_connect() }
+        src = inner.source();
     }
+    what
 }
 
 /// Whether the error is the connection closing (or being reset) before any answer came.
-fn closed_without_answer(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(super) fn closed_without_answer(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = Some(e);
     while let Some(err) = src {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
@@ -211,10 +125,17 @@ fn closed_without_answer(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The body of an upstream answer.
 pub enum UpstreamBody {
-    /// From the network.
-    Http(Incoming),
+    /// From the network, with the connection it arrives on until it has been read to its end.
+    Http {
+        /// The body.
+        body: Incoming,
+        /// The connection, given back to its pool when the body ends.
+        lease: Option<Lease>,
+    },
     /// From an in-memory upstream.
     Memory(Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>),
+    /// Nothing (more): a body handed on by [`UpstreamBody::finish`].
+    Ended,
 }
 
 impl UpstreamBody {
@@ -222,7 +143,46 @@ impl UpstreamBody {
     pub fn memory(b: impl Body<Data = Bytes, Error = BodyError> + Send + 'static) -> UpstreamBody {
         UpstreamBody::Memory(Box::pin(b))
     }
+
+    /// The answer is complete (a stream sent `data: [DONE]`) and nothing more of it is wanted: read what is
+    /// left of the body, its framing, and give the connection back. The last chunk of a chunked body has
+    /// usually arrived with the event before it; if it has not, it is awaited on a task of its own for up to
+    /// [`DRAIN_TIMEOUT`] (a body that goes on is cut and its connection closed).
+    pub fn finish(mut self) {
+        let UpstreamBody::Http { lease: Some(_), .. } = &self else { return };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut left = DRAIN_BYTES;
+        loop {
+            match Pin::new(&mut self).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    left = left.saturating_sub(f.data_ref().map_or(0, |d| d.len()));
+                    if left == 0 {
+                        return;
+                    }
+                }
+                Poll::Ready(_) => return,
+                Poll::Pending => break,
+            }
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        rt.spawn(async move {
+            let drain = async {
+                while let Some(Ok(f)) = http_body_util::BodyExt::frame(&mut self).await {
+                    left = left.saturating_sub(f.data_ref().map_or(0, |d| d.len()));
+                    if left == 0 {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        });
+    }
 }
+
+/// How long [`UpstreamBody::finish`] waits for the rest of a complete answer's body.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How much of it may be read (more, and the connection is closed instead).
+const DRAIN_BYTES: usize = 64 << 10;
 
 impl Body for UpstreamBody {
     type Data = Bytes;
@@ -230,22 +190,53 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            UpstreamBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+            UpstreamBody::Http { body, lease } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => release(lease),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => release(lease),
+                    // A broken body's connection is not reused.
+                    Poll::Ready(Some(Err(_))) => drop(lease.take()),
+                    _ => {}
+                }
+                polled.map_err(|e| e.into())
+            }
             UpstreamBody::Memory(b) => b.as_mut().poll_frame(cx),
+            UpstreamBody::Ended => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Http(b) => b.is_end_stream(),
+            UpstreamBody::Http { body, .. } => body.is_end_stream(),
             UpstreamBody::Memory(b) => b.is_end_stream(),
+            UpstreamBody::Ended => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Http(b) => b.size_hint(),
+            UpstreamBody::Http { body, .. } => body.size_hint(),
             UpstreamBody::Memory(b) => b.size_hint(),
+            UpstreamBody::Ended => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// An answer with nothing left to read gives its connection back however it is dropped (one without a body is
+/// never polled); any other closes it with its body.
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let UpstreamBody::Http { body, lease } = self {
+            if body.is_end_stream() {
+                release(lease);
+            }
+        }
+    }
+}
+
+fn release(lease: &mut Option<Lease>) {
+    if let Some(l) = lease.take() {
+        l.release();
     }
 }

@@ -28,6 +28,9 @@ pub struct MockStats {
     pub in_flight: u64,
     /// Open client connections (a gauge: not reset).
     pub connections: u64,
+    /// Client connections accepted (a client that reuses its connections opens few).
+    #[serde(default)]
+    pub accepted: u64,
 }
 
 /// The live counters of one mock.
@@ -37,6 +40,7 @@ pub(crate) struct Stats {
     maps: Mutex<StatMaps>,
     in_flight: AtomicU64,
     connections: AtomicU64,
+    accepted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -72,6 +76,7 @@ impl Stats {
     pub(crate) fn reset(&self) {
         let mut maps = self.maps.lock();
         self.requests.store(0, Ordering::Relaxed);
+        self.accepted.store(0, Ordering::Relaxed);
         *maps = StatMaps::default();
     }
 
@@ -85,6 +90,7 @@ impl Stats {
             by_key: sorted(&maps.by_key),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
+            accepted: self.accepted.load(Ordering::Relaxed),
         }
     }
 }
@@ -101,8 +107,9 @@ impl GaugeGuard {
         Self::new(stats, |s| &s.in_flight)
     }
 
-    /// One open client connection.
+    /// One open client connection (and one more accepted).
     pub(crate) fn connection(stats: &Arc<Stats>) -> Self {
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
         Self::new(stats, |s| &s.connections)
     }
 
@@ -131,7 +138,7 @@ mod tests {
         let connection = GaugeGuard::connection(&stats);
         let request = GaugeGuard::in_flight(&stats);
         let s = stats.snapshot();
-        assert_eq!((s.requests, s.in_flight, s.connections), (2, 1, 1));
+        assert_eq!((s.requests, s.in_flight, s.connections, s.accepted), (2, 1, 1, 1));
         assert_eq!(s.by_path, BTreeMap::from([("/v1/models".to_owned(), 2)]));
         assert_eq!(s.by_model, BTreeMap::from([("gpt-4.1".to_owned(), 1)]));
         assert_eq!(s.by_key, BTreeMap::from([("k1".to_owned(), 1)]));
