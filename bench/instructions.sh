@@ -4,7 +4,8 @@
 # be compared where wall-clock figures drown in noise.
 #
 # Usage: bench/instructions.sh [--top N] [--policies]
-#   --top N      also print the N functions with the most instructions of their own (callgrind_annotate)
+#   --top N      also print the N functions with the most instructions of their own (callgrind_annotate), for
+#                the requests and for the streams (their profiles kept in bench/out-instr/{requests,hidden,asked})
 #   --policies   the same requests from a client with a key, rpm and tpm limits, under a daily budget, for the
 #                alias `auto` of 50 routing rules (49 that do not match, then the default)
 # Needs valgrind and nginx (installed when missing); the requests are sent by `loadgen send`. Writes
@@ -109,9 +110,21 @@ else
   echo "instructions per relayed stream chunk ($STREAMS streams x $CHUNKS chunks, setup included): $per_chunk"
   echo "  the same, for clients that ask for usage (nothing hidden from them): $(( (t3 - t2) / (STREAMS * CHUNKS) ))"
 fi
+top() { # the costliest functions of the last dump, by their own instructions; the dump is kept in $OUT/$1
+  callgrind_annotate --threshold=100 "$OUT"/callgrind.* 2>/dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "9,$((8 + TOP))p" \
+    | sed 's#/root/.cargo/registry/src/[^/]*/##; s# \[/.*##'
+  mkdir -p "$OUT/$1"; mv "$OUT"/callgrind.* "$OUT/$1/"
+}
 if [ "$TOP" != 0 ]; then
   callgrind_control -z "$VG" > /dev/null 2>&1; sleep 0.5; rm -f "$OUT"/callgrind.*
   req $N; sleep 0.5; callgrind_control -d "$VG" > /dev/null 2>&1; sleep 0.5
-  callgrind_annotate --threshold=100 "$OUT"/callgrind.* 2>/dev/null | grep -E '^ *[0-9,]+ \(' | sed -n "9,$((8 + TOP))p" \
-    | sed 's#/root/.cargo/registry/src/[^/]*/##; s# \[/.*##'
+  echo "the $TOP costliest functions over $N requests:"; top requests
+  if [ "$POLICIES" != 1 ]; then
+    callgrind_control -z "$VG" > /dev/null 2>&1; sleep 0.5; rm -f "$OUT"/callgrind.*
+    streams; sleep 0.5; callgrind_control -d "$VG" > /dev/null 2>&1; sleep 0.5
+    echo "the $TOP costliest functions over $((STREAMS * CHUNKS)) chunks (usage hidden):"; top hidden
+    callgrind_control -z "$VG" > /dev/null 2>&1; sleep 0.5; rm -f "$OUT"/callgrind.*
+    streams --include-usage; sleep 0.5; callgrind_control -d "$VG" > /dev/null 2>&1; sleep 0.5
+    echo "the $TOP costliest functions over $((STREAMS * CHUNKS)) chunks (usage asked):"; top asked
+  fi
 fi

@@ -308,6 +308,43 @@ async fn a_pooled_connection_closed_by_the_upstream_is_retried_for_free() {
     assert!(!metrics.contains(r#"endpoint="closer",model="gpt-4.1",status="error""#), "{metrics}");
 }
 
+/// What describes the upstream's connection or the upstream itself stays behind: the client sees neither
+/// its `server`, nor its `date` (the gateway's answer has its own), nor its cookies; other headers pass.
+#[tokio::test]
+async fn upstream_connection_and_identity_headers_stay_behind() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while read_raw_request(&mut s, &mut buf).is_some() {
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nserver: relay-internal/1.2\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n\
+                         set-cookie: relay=1\r\nx-relay-trace: t1\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                }
+            });
+        }
+    });
+    let cfg = quiet_config(&[("relay", addr, "models = [\"gpt-4.1\"]")], &model("gpt-4.1", ""), "");
+    let gw = gateway(&cfg, &[]);
+    let r = post(&gw.url("/v1/chat/completions"), &chat("gpt-4.1")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("server"), None);
+    assert_eq!(r.header("set-cookie"), None);
+    let date = r.header("date").expect("the gateway dates its answer");
+    assert!(!date.contains("1970"), "{date}");
+    assert_eq!(r.header("x-relay-trace").as_deref(), Some("t1"));
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "hi");
+}
+
 /// Reloads keep `/metrics` true: a pair whose endpoint moved to a new URL keeps its gauges; renamed models
 /// leave no series behind.
 #[tokio::test]

@@ -49,20 +49,30 @@ where
         drain(body.as_mut()).await;
         return Err(too_large());
     }
+    // A body that came in one frame is kept as it came (a slice of the connection's read buffer: no copy, and
+    // clones of it share it); one in several is put together.
+    let mut first: Option<Bytes> = None;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.as_mut().frame().await {
         let Ok(frame) = frame else {
             return Err(ApiError::invalid("body_read_error", "The request body could not be read"));
         };
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
+            if first.as_ref().map_or(0, Bytes::len) + buf.len() + data.len() > limit {
                 drain(body.as_mut()).await;
                 return Err(too_large());
             }
-            buf.extend_from_slice(&data);
+            if first.is_none() && buf.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(f) = first.take() {
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&data);
+            }
         }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// At most this much of a refused body is read and thrown away before the 413 goes out.

@@ -404,12 +404,15 @@ fn upstream_request(
     key: Option<&HeaderValue>,
     body: Bytes,
 ) -> Request<Bytes> {
+    let length = header_number(body.len() as u64);
     let mut req = Request::new(body);
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
     let h = req.headers_mut();
-    h.reserve(4);
+    h.reserve(5);
     h.insert(header::HOST, host.clone());
+    // Set here, hyper would format it into a `HeaderValue` of its own through a `fmt::Write`.
+    h.insert(header::CONTENT_LENGTH, length);
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(header::ACCEPT, HeaderValue::from_static(if stream { "text/event-stream" } else { "application/json" }));
     if let Some(k) = key {
@@ -418,7 +421,9 @@ fn upstream_request(
     req
 }
 
-/// Remove the headers that describe one connection (or set upstream cookies) from an upstream answer.
+/// Remove from an upstream answer the headers that describe its connection and framing, the upstream itself
+/// (`server`; `date`, which the gateway's answer gets anew) and upstream cookies. (With fewer of them, the map
+/// hyper parsed the answer's head into has room for the gateway's own headers without growing.)
 fn strip_headers(h: &mut HeaderMap) {
     // Upstream answers carry a handful of headers, so scanning them again after each removal is cheap.
     while let Some(name) = h.keys().find(|k| is_hop_by_hop(k.as_str())).cloned() {
@@ -438,7 +443,20 @@ fn is_hop_by_hop(name: &str) -> bool {
             | "proxy-authenticate"
             | "set-cookie"
             | "keep-alive"
+            | "server"
+            | "date"
     )
+}
+
+/// A number as a header value.
+pub(super) fn header_number(n: u64) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(n as usize) {
+        // Attempts, mostly: no allocation.
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from_bytes(itoa::Buffer::new().format(n).as_bytes())
+            .unwrap_or_else(|_| unreachable!("digits are a valid header value")),
+    }
 }
 
 /// Remove any of the endpoint's keys from text that came from upstream (an error message may echo them).

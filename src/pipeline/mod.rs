@@ -145,7 +145,9 @@ where
         fin.granted(admit::limit(c, tokens.total(), gw.now_ms())?);
     }
     let client_name = client.as_ref().map(|c| &*c.name);
-    let route::Budgeted { model, reason, held } = route::budgets(&rt, model, client_name, &tokens, unix_ms())?;
+    // The wall clock is read only when there are budgets to date spend by.
+    let now = if rt.budgets.is_empty() { 0 } else { unix_ms() };
+    let route::Budgeted { model, reason, held } = route::budgets(&rt, model, client_name, &tokens, now)?;
     fin.reserved(held);
     let reason = reason.map(|b| Cow::Owned(b.to_string())).or(rule);
     fin.routed(&model, reason);
@@ -168,7 +170,7 @@ where
     let headers = |h: &mut http::HeaderMap| {
         h.insert(H_ENDPOINT, m.endpoint.name_header.clone());
         h.insert(H_MODEL, served_model.name_header.clone());
-        h.insert(H_ATTEMPTS, HeaderValue::from(attempts));
+        h.insert(H_ATTEMPTS, attempt::header_number(attempts.into()));
         if let Some(v) = route_reason.as_deref().and_then(|r| HeaderValue::from_str(r).ok()) {
             h.insert(H_ROUTE_REASON, v);
         }
@@ -215,6 +217,6 @@ fn static_fallback(info: &RequestInfo, model: &Model, attempts: u32) -> Response
     h.insert(H_STATIC, HeaderValue::from_static("true"));
     h.insert(H_ENDPOINT, HeaderValue::from_static("static"));
     h.insert(H_MODEL, model.name_header.clone());
-    h.insert(H_ATTEMPTS, HeaderValue::from(attempts));
+    h.insert(H_ATTEMPTS, attempt::header_number(attempts.into()));
     r
 }

@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +32,9 @@ pub struct Relay {
     /// When the last chunk arrived: the idle deadline is `last_data + idle` (capped by `end_by`).
     last_data: Instant,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with: while it is the same and the timer is not due, the timer
+    /// need not be polled again (it wakes that waker when it fires).
+    timer_waker: Option<Waker>,
     /// What the client got, kept (up to [`KEEP_BYTES`]) to count the completion's tokens when the upstream
     /// does not report usage; `None` once its endpoint has shown that it does.
     kept: Option<Kept>,
@@ -85,6 +88,7 @@ impl Relay {
             end_by,
             last_data: now,
             timer: Box::pin(tokio::time::sleep_until((now + idle).min(end_by))),
+            timer_waker: None,
             finish,
             finished: false,
         }
@@ -147,6 +151,13 @@ impl Relay {
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
                 Poll::Pending => {
+                    let armed = self.timer_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                    if armed && Instant::now() < self.timer.deadline() {
+                        return Poll::Pending;
+                    }
+                    if !armed {
+                        self.timer_waker = Some(cx.waker().clone());
+                    }
                     while self.timer.as_mut().poll(cx).is_ready() {
                         let due = (self.last_data + self.idle).min(self.end_by);
                         if Instant::now() >= due {

@@ -244,7 +244,9 @@ enum Members {
 /// JSON string is escaped, `\"usage\"`, so it never matches.)
 fn usage_members(buf: &[u8], strip: bool) -> Members {
     const NULL: &[u8] = b":null";
-    let mut out: Option<Vec<u8>> = None;
+    // The byte ranges taken out, in order (a chunk has one); the rest is copied once into a buffer of its
+    // exact size, which `Bytes` then takes over without another allocation.
+    let mut cuts: smallvec::SmallVec<[(usize, usize); 4]> = smallvec::SmallVec::new();
     let mut at = 0;
     for i in USAGE_KEY.find_iter(buf) {
         let after = &buf[i + 7..];
@@ -264,14 +266,20 @@ fn usage_members(buf: &[u8], strip: bool) -> Members {
         if from < at {
             continue;
         }
-        let o = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
-        o.extend_from_slice(&buf[at..from]);
+        cuts.push((from, to));
         at = to;
     }
-    if let Some(o) = &mut out {
-        o.extend_from_slice(&buf[at..]);
+    if cuts.is_empty() {
+        return Members::Nulls(None);
     }
-    Members::Nulls(out)
+    let mut out = Vec::with_capacity(buf.len() - cuts.iter().map(|(f, t)| t - f).sum::<usize>());
+    let mut at = 0;
+    for (from, to) in cuts {
+        out.extend_from_slice(&buf[at..from]);
+        at = to;
+    }
+    out.extend_from_slice(&buf[at..]);
+    Members::Nulls(Some(out))
 }
 
 /// What a stream's first data payload is.
