@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A request's id: unique in the process, unpredictable across processes (a random start, a counter, and a
 /// bijective mix), shown as `req_` and 16 hex digits (`x-request-id`), stored as an integer.
@@ -54,9 +55,9 @@ pub struct Entry {
     /// The model the client asked for (empty when the body named none).
     pub model: String,
     /// The public model that served (differs from `model` after a fallback).
-    pub served_model: Option<String>,
+    pub served_model: Option<Arc<str>>,
     /// The endpoint that served.
-    pub endpoint: Option<String>,
+    pub endpoint: Option<Arc<str>>,
     /// HTTP status the client got (499: the client went away mid-stream).
     pub status: u16,
     /// The error code the client saw, or what went wrong after the answer started (`stream_broken`).

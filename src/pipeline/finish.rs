@@ -209,8 +209,8 @@ impl Finish {
 
     /// An upstream answered: who, and what the answer used if already known.
     pub fn served(&mut self, served: Served) {
-        self.entry.endpoint = Some(served.endpoint.cfg.name.clone());
-        self.entry.served_model = Some(served.model.cfg.name.clone());
+        self.entry.endpoint = Some(served.endpoint.name.clone());
+        self.entry.served_model = Some(served.model.name.clone());
         self.entry.attempts = served.attempts;
         self.entry.ttft_ms = Some(ms_since(self.arrived));
         self.entry.route_reason = self.route_reason_after(&served.model);
@@ -267,7 +267,7 @@ impl Finish {
 
     /// The gateway answered with a static fallback for `model` instead of an upstream.
     pub fn static_fallback(&mut self, model: &str) {
-        self.entry.served_model = Some(model.to_string());
+        self.entry.served_model = Some(model.into());
         self.entry.error = Some(Cow::Borrowed("static_fallback"));
     }
 

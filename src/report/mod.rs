@@ -448,8 +448,8 @@ mod tests {
         Entry {
             ts_ms: T0 + ts,
             model: model.into(),
-            served_model: endpoint.map(|_| model.to_owned()),
-            endpoint: endpoint.map(str::to_owned),
+            served_model: endpoint.map(|_| model.into()),
+            endpoint: endpoint.map(Into::into),
             status,
             attempts: 1,
             duration_ms: ms,

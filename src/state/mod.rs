@@ -55,6 +55,8 @@ impl Changes {
 pub struct Endpoint {
     /// Its configuration.
     pub cfg: EndpointConfig,
+    /// Its name, shared (request-log rows carry it without copying).
+    pub name: Arc<str>,
     /// Parsed base URL.
     pub base: BaseUrl,
     /// `…/chat/completions` and `…/embeddings` under the base URL, built once.
@@ -112,6 +114,8 @@ pub struct Member {
 pub struct Model {
     /// Its configuration.
     pub cfg: ModelConfig,
+    /// Its name, shared (request-log rows carry it without copying).
+    pub name: Arc<str>,
     /// Its token prices.
     pub pricing: Pricing,
     /// Endpoint selection state.
@@ -233,6 +237,7 @@ impl Runtime {
                 cfg: e.clone(),
                 chat_uri: base.join("/chat/completions"),
                 embeddings_uri: base.join("/embeddings"),
+                name: Arc::from(e.name.as_str()),
                 name_header: header_value(&e.name),
                 base,
                 transport,
@@ -261,6 +266,7 @@ impl Runtime {
                 pricing: pricing(m),
                 balancer: Balancer::new(m.strategy, members.len()),
                 members,
+                name: Arc::from(m.name.as_str()),
                 name_header: header_value(&m.name),
                 metrics: shared.metrics.model(&m.name),
             };
