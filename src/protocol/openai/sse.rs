@@ -22,7 +22,6 @@ use super::usage::UsageWire;
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
 static USAGE_KEY: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"\"usage\""));
-static DONE: std::sync::LazyLock<Finder<'static>> = std::sync::LazyLock::new(|| Finder::new(b"[DONE]"));
 
 /// What happens to one event on its way to the client.
 enum Edit {
@@ -157,7 +156,7 @@ impl SseScanner {
         // over the whole frame, and no walk through its lines.
         // With usage forced on, every chunk carries `"usage":null`: taken out in the same pass that looks for a
         // usage object, still without walking the lines.
-        if self.first.is_some() && DONE.find(&buf).is_none() {
+        if self.first.is_some() && !has_done(&buf) {
             match usage_members(&buf, self.hide_usage) {
                 Members::Nulls(None) => return buf,
                 Members::Nulls(Some(stripped)) => return Bytes::from(stripped),
@@ -282,6 +281,12 @@ fn usage_members(buf: &[u8], strip: bool) -> Members {
     Members::Nulls(Some(out))
 }
 
+/// Whether `[DONE]` is somewhere in `buf`. A chunk has one `[` or two (`"choices":[`), so looking at each is
+/// cheaper than a substring search, whose setup costs more than the scan of a chunk-sized frame.
+fn has_done(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'[', buf).any(|i| buf[i + 1..].starts_with(b"DONE]"))
+}
+
 /// What a stream's first data payload is.
 fn classify_first(data: &[u8]) -> FirstEvent {
     if data.first() != Some(&b'{') {
@@ -360,6 +365,16 @@ data: [DONE]\n\n";
 
     fn expected() -> Option<Tokens> {
         Some(Tokens { prompt: 12, completion: 34, cached_prompt: 5, reasoning: 6 })
+    }
+
+    #[test]
+    fn done_is_found_among_brackets() {
+        assert!(has_done(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n"));
+        assert!(has_done(b"[DONE]"));
+        assert!(!has_done(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n"));
+        assert!(!has_done(b"[DONE"));
+        assert!(!has_done(b"["));
+        assert!(!has_done(b""));
     }
 
     #[test]
