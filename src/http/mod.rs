@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod connections;
 pub mod dashboard;
+pub mod drain;
 pub mod heap;
 pub mod routes;
 
@@ -16,7 +17,6 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -33,7 +33,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most `max_connections` client connections are open at once (see [`connections::limit`]); past it a new
 /// connection is closed at once and counted.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
+    let graceful = drain::Drain::new();
     let server = gw.runtime().config.server.clone();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
