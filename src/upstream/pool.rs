@@ -32,6 +32,8 @@ use super::transport::{closed_without_answer, describe, TransportError};
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most idle connections kept per endpoint.
 pub const MAX_IDLE: usize = 1024;
+/// The largest a connection's read buffer grows.
+const READ_BUFFER_MAX: usize = 64 << 10;
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -135,7 +137,10 @@ impl Pool {
         let mut connector = self.inner.connector.clone();
         std::future::poll_fn(|cx: &mut Context<'_>| connector.poll_ready(cx)).await.map_err(|e| failed(&*e))?;
         let io = connector.call(self.inner.target.clone()).await.map_err(|e| failed(&*e))?;
-        let (sender, conn) = http1::handshake(io).await.map_err(|e| failed(&e))?;
+        // The read buffer grows while a stream fills it and keeps its size for the connection's life; capped, an
+        // idle connection holds at most this much (a body larger than it is read in several turns).
+        let (sender, conn) =
+            http1::Builder::new().max_buf_size(READ_BUFFER_MAX).handshake(io).await.map_err(|e| failed(&e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
