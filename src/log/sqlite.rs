@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -84,12 +85,21 @@ CREATE TABLE IF NOT EXISTS requests (
 /// exactly: no index on `ts_ms` to keep up on every insert (it cost a third of the writer's time per row).
 pub(super) const ORDER_SLACK_MS: i64 = 3_600_000;
 
-pub(super) const INSERT: &str =
-    "INSERT INTO requests (ts_ms, api, model, served_model, endpoint, status, error, attempts, \
-    stream, duration_ms, ttft_ms, prompt_tokens, completion_tokens, cost_usd, request_id, route_reason, \
-    cached_tokens, reasoning_tokens, cost_nanos, client, estimated, prompt_text, completion_text) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, \
-    ?23)";
+/// The request log's columns, in the order [`bind_row`] binds them.
+const COLUMNS: &str = "ts_ms, api, model, served_model, endpoint, status, error, attempts, stream, duration_ms, \
+    ttft_ms, prompt_tokens, completion_tokens, cost_usd, request_id, route_reason, cached_tokens, reasoning_tokens, \
+    cost_nanos, client, estimated, prompt_text, completion_text";
+/// How many there are: the parameters one row takes.
+const PER_ROW: usize = 23;
+/// Rows per multi-row `INSERT`: one statement step for this many rows instead of one each (a batch's rest goes
+/// row by row). 16 × 23 parameters stay far below SQLite's limit of 32,766.
+const ROWS_PER_INSERT: usize = 16;
+
+/// `INSERT INTO requests (…) VALUES (?, …), …` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let one = format!("({})", vec!["?"; PER_ROW].join(", "));
+    format!("INSERT INTO requests ({COLUMNS}) VALUES {}", vec![one; rows].join(", "))
+}
 
 pub(super) fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
@@ -122,38 +132,57 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 pub(super) fn write_batch(conn: &mut Connection, batch: &[Box<Entry>]) -> rusqlite::Result<()> {
+    static SQL: LazyLock<(String, String)> = LazyLock::new(|| (insert_sql(ROWS_PER_INSERT), insert_sql(1)));
+    let (many, one) = &*SQL;
     let tx = conn.transaction()?;
     {
-        let mut st = tx.prepare_cached(INSERT)?;
-        for e in batch {
-            st.execute(params![
-                e.ts_ms,
-                e.api,
-                e.model,
-                e.served_model,
-                e.endpoint,
-                e.status,
-                e.error,
-                e.attempts,
-                e.stream,
-                e.duration_ms,
-                e.ttft_ms,
-                e.prompt_tokens.map(|n| n as i64),
-                e.completion_tokens.map(|n| n as i64),
-                e.cost_usd,
-                e.request_id.map(|id| id.0 as i64),
-                e.route_reason,
-                e.cached_tokens.map(|n| n as i64),
-                e.reasoning_tokens.map(|n| n as i64),
-                e.cost_nanos.map(|n| n as i64),
-                e.client.as_deref(),
-                e.estimated,
-                e.prompt_text,
-                e.completion_text,
-            ])?;
+        let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
+        if chunks.len() > 0 {
+            let mut st = tx.prepare_cached(many)?;
+            for chunk in &mut chunks {
+                for (i, e) in chunk.iter().enumerate() {
+                    bind_row(&mut st, i * PER_ROW, e)?;
+                }
+                st.raw_execute()?;
+            }
+        }
+        if !chunks.remainder().is_empty() {
+            let mut st = tx.prepare_cached(one)?;
+            for e in chunks.remainder() {
+                bind_row(&mut st, 0, e)?;
+                st.raw_execute()?;
+            }
         }
     }
     tx.commit()
+}
+
+/// Bind one row's values to parameters `offset + 1 ..= offset + PER_ROW`, in the order of [`COLUMNS`].
+fn bind_row(st: &mut rusqlite::CachedStatement<'_>, offset: usize, e: &Entry) -> rusqlite::Result<()> {
+    let at = |n: usize| offset + n;
+    st.raw_bind_parameter(at(1), e.ts_ms)?;
+    st.raw_bind_parameter(at(2), e.api)?;
+    st.raw_bind_parameter(at(3), &e.model)?;
+    st.raw_bind_parameter(at(4), &e.served_model)?;
+    st.raw_bind_parameter(at(5), &e.endpoint)?;
+    st.raw_bind_parameter(at(6), e.status)?;
+    st.raw_bind_parameter(at(7), &e.error)?;
+    st.raw_bind_parameter(at(8), e.attempts)?;
+    st.raw_bind_parameter(at(9), e.stream)?;
+    st.raw_bind_parameter(at(10), e.duration_ms)?;
+    st.raw_bind_parameter(at(11), e.ttft_ms)?;
+    st.raw_bind_parameter(at(12), e.prompt_tokens.map(|n| n as i64))?;
+    st.raw_bind_parameter(at(13), e.completion_tokens.map(|n| n as i64))?;
+    st.raw_bind_parameter(at(14), e.cost_usd)?;
+    st.raw_bind_parameter(at(15), e.request_id.map(|id| id.0 as i64))?;
+    st.raw_bind_parameter(at(16), &e.route_reason)?;
+    st.raw_bind_parameter(at(17), e.cached_tokens.map(|n| n as i64))?;
+    st.raw_bind_parameter(at(18), e.reasoning_tokens.map(|n| n as i64))?;
+    st.raw_bind_parameter(at(19), e.cost_nanos.map(|n| n as i64))?;
+    st.raw_bind_parameter(at(20), e.client.as_deref())?;
+    st.raw_bind_parameter(at(21), e.estimated)?;
+    st.raw_bind_parameter(at(22), &e.prompt_text)?;
+    st.raw_bind_parameter(at(23), &e.completion_text)
 }
 
 pub(super) fn prune(conn: &Connection, retention: Duration) {
@@ -264,4 +293,67 @@ pub fn read_since(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<Entr
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::RequestId;
+    use std::sync::Arc;
+
+    /// A row with every column set, each to a value that differs from row to row.
+    fn row(i: u64) -> Box<Entry> {
+        Box::new(Entry {
+            ts_ms: 1_700_000_000_000 + i as i64,
+            model: format!("model-{i}"),
+            served_model: Some(Arc::from(format!("served-{i}"))),
+            endpoint: Some(Arc::from(format!("endpoint-{i}"))),
+            status: 200 + i as u16,
+            error: i.is_multiple_of(3).then(|| Cow::Owned(format!("error-{i}"))),
+            attempts: 1 + i as u32,
+            stream: i.is_multiple_of(2),
+            duration_ms: 1.5 + i as f64,
+            ttft_ms: (!i.is_multiple_of(4)).then_some(0.5 + i as f64),
+            prompt_tokens: Some(10 + i),
+            completion_tokens: (!i.is_multiple_of(5)).then_some(20 + i),
+            cost_usd: Some(0.001 * i as f64),
+            request_id: Some(RequestId(1_000 + i)),
+            route_reason: (i % 2 == 1).then(|| Cow::Owned(format!("route-{i}"))),
+            cached_tokens: Some(i),
+            reasoning_tokens: Some(2 * i),
+            cost_nanos: Some(1_000_000 * i),
+            client: (i % 3 == 1).then(|| Arc::from(format!("client-{i}"))),
+            estimated: i.is_multiple_of(7),
+            prompt_text: i.is_multiple_of(2).then(|| format!("prompt-{i}")),
+            completion_text: i.is_multiple_of(2).then(|| format!("completion-{i}")),
+            ..Entry::begin(if i.is_multiple_of(2) { "chat" } else { "embeddings" })
+        })
+    }
+
+    #[test]
+    fn a_batch_goes_in_multi_row_inserts_and_the_rest_row_by_row_with_every_column_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        assert_eq!(COLUMNS.split(',').count(), PER_ROW);
+        let mut conn = open_db(&path).unwrap();
+        // Two multi-row statements and five rows alone; then a batch smaller than one statement.
+        let first: Vec<Box<Entry>> = (0..2 * ROWS_PER_INSERT as u64 + 5).map(row).collect();
+        write_batch(&mut conn, &first).unwrap();
+        let second: Vec<Box<Entry>> = (100..103).map(row).collect();
+        write_batch(&mut conn, &second).unwrap();
+        let back = read_since(&open_read(&path).unwrap(), 0).unwrap();
+        let want: Vec<&Entry> = first.iter().chain(&second).map(|e| &**e).collect();
+        assert_eq!(back.len(), want.len());
+        // `read_since` leaves the texts out (the report never reads them): compared on their own below.
+        for (got, want) in back.iter().zip(&want) {
+            let without_texts = Entry { prompt_text: None, completion_text: None, ..(*want).clone() };
+            assert_eq!(got, &without_texts);
+        }
+        let read = open_read(&path).unwrap();
+        let mut st = read.prepare("SELECT prompt_text, completion_text FROM requests ORDER BY id").unwrap();
+        let texts: Vec<(Option<String>, Option<String>)> =
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+        let want_texts: Vec<_> = want.iter().map(|e| (e.prompt_text.clone(), e.completion_text.clone())).collect();
+        assert_eq!(texts, want_texts);
+    }
 }
