@@ -6,7 +6,8 @@
 #   --quick        3 s per repetition instead of 10 s (a smoke run of the harness itself)
 #   --no-litellm   skip LiteLLM (it takes minutes to install)
 #   --only S       run one section: the fixed-rate and throughput loads, the failover drills or the streams
-# A full run (no option) writes its tables into BENCHMARKS.md and its chart into bench/results/.
+# A full run (no option) writes its tables into BENCHMARKS.md and its chart into bench/results/. SHEEPDOG=path
+# runs another build of the gateway (e.g. an older commit's, to compare).
 # Installs what it needs: nginx from Debian, oha from crates.io, LiteLLM and matplotlib into bench/.venv, and builds
 # sheepdog and the loadgen example in release mode. Writes bench/out/*.json, bench/out/table.md and
 # bench/out/overhead.png (bench/report.py).
@@ -42,7 +43,7 @@ if [ "$LITELLM" = 1 ]; then
   bench/.venv/bin/python -c 'import litellm' 2>/dev/null || bench/.venv/bin/pip install -q 'litellm[proxy]'
 fi
 cargo build --release --locked --bin sheepdog --example loadgen
-SHEEPDOG=target/release/sheepdog; LOADGEN=target/release/examples/loadgen
+SHEEPDOG=${SHEEPDOG:-target/release/sheepdog}; LOADGEN=target/release/examples/loadgen
 
 BODY='{"id":"chatcmpl-bench","object":"chat.completion","created":1735689600,"model":"gpt-4.1","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed answer from nginx for benchmarks."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}'
 MODELS='{"object":"list","data":[{"id":"gpt-4.1","object":"model","created":1735689600,"owned_by":"bench"}]}'
