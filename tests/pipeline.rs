@@ -407,3 +407,18 @@ async fn a_stream_is_cut_when_no_chunk_comes_within_the_idle_timeout() {
     assert!(r.body.ends_with("data: [DONE]\n\n"), "{}", r.body);
     assert_eq!(r.ms, 300);
 }
+
+/// A request's whole state is one future, allocated for each request; 1,000 open streams and 10,000 kept-alive
+/// connections multiply whatever of it is alive. The cold paths (a new upstream connection, the two attempts of
+/// a hedge) are boxed where they start, so that every request does not carry their state: before that, this
+/// future was twice its size.
+#[tokio::test]
+async fn a_request_s_state_stays_small() {
+    let a = Up::always("a", Act::Ok(0));
+    let gw = gateway(&endpoint("a", "\"m\"", ""), &model("m", ""), "", &[&a]);
+    let req = Request::post("/v1/chat/completions").body(Full::new(Bytes::new())).unwrap();
+    let request = pipeline::handle(&gw, Api::Chat, req);
+    let size = std::mem::size_of_val(&request);
+    drop(request);
+    assert!(size <= 6 * 1024, "a request's state is {size} bytes");
+}

@@ -90,9 +90,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                 let builder = if gate.open() * 4 >= gate.limit() * 3 { &pressed } else { &http };
                 let conn = builder.serve_connection(
                     TokioIo::new(stream),
+                    // hyper keeps a connection's service future in a box for the connection's whole life, sized
+                    // for the future; boxed here, a kept-alive connection or an open stream holds a pointer, and
+                    // the request's state (a few KiB) is freed once its answer's head is out.
                     service_fn(move |req| {
                         let gw = gw.clone();
-                        async move { Ok::<_, Infallible>(routes::route(gw, req).await) }
+                        Box::pin(async move { Ok::<_, Infallible>(routes::route(gw, req).await) })
                     }),
                 );
                 let conn = graceful.watch(conn);

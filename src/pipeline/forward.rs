@@ -83,7 +83,8 @@ pub(super) async fn forward(ctx: &Ctx<'_>, chain: &Chain, fin: &mut Finish) -> R
                     Some(delay) => {
                         let can_hedge = attempts < retry_cfg.max_attempts;
                         let h = Hedge { mi, first: (idx, admitted_ms), delay, can_hedge };
-                        hedged(ctx, m, h, &mut tried, &mut attempts, &mut errors, fin).await
+                        // Boxed: two attempts run at once there, twice an attempt's state in every request's.
+                        Box::pin(hedged(ctx, m, h, &mut tried, &mut attempts, &mut errors, fin)).await
                     }
                 };
                 match result {

@@ -114,7 +114,8 @@ impl Pool {
                         break (s, true);
                     }
                 }
-                None => break (self.connect().await?, false),
+                // Boxed: the connect's state (the TLS stream, the handshake) is no part of every request's.
+                None => break (Box::pin(self.connect()).await?, false),
             }
         };
         match sender.send_request(req).await {
@@ -250,5 +251,15 @@ mod tests {
             p.put(s, now);
         }
         assert_eq!(p.idle.lock().unwrap().len(), MAX_IDLE);
+    }
+
+    #[test]
+    fn a_send_does_not_carry_the_state_of_a_connect() {
+        let pool = Pool::new(&Uri::from_static("http://127.0.0.1:9/v1"), Duration::from_secs(1));
+        let send = pool.send(Request::new(Bytes::new()));
+        let size = std::mem::size_of_val(&send);
+        drop(send);
+        // The connect (connector, TLS stream, handshake) is boxed when it happens; inline it doubles this.
+        assert!(size <= 1536, "a send's state is {size} bytes");
     }
 }
