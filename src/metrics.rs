@@ -20,6 +20,14 @@ pub use rejections::{Reason, Rejections};
 
 use crate::config::ModelKind;
 
+/// Where the count of dropped log lines comes from (the process's log writer, set once at start).
+static LOG_LINES_DROPPED: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>> = std::sync::OnceLock::new();
+
+/// Name the source of `sheepdog_log_lines_dropped_total` (the first call wins).
+pub fn set_log_lines_dropped(count: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = LOG_LINES_DROPPED.set(Box::new(count));
+}
+
 /// Buckets of the `sheepdog_*_seconds` histograms: each bound at most about 1.5 times the one below from
 /// 5 ms to 2 min, so both a 10 ms probe and a 60 s completion fall in a narrow bucket.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -48,6 +56,9 @@ pub struct Metrics {
     pub log_written: IntCounter,
     /// `sheepdog_request_log_dropped_total`: requests the log could not take (queue full or write failed).
     pub log_dropped: IntCounter,
+    /// `sheepdog_log_lines_dropped_total`: log lines (the access line and others) dropped because the writer
+    /// thread fell behind; read from [`set_log_lines_dropped`]'s source at each scrape.
+    log_lines_dropped: IntCounter,
     client_requests: IntCounterVec,
     /// `sheepdog_connections_open`: client connections open now.
     pub connections_open: IntGauge,
@@ -212,6 +223,10 @@ impl Metrics {
             "sheepdog_request_log_dropped_total",
             "Requests missing from the request log: its queue was full or a write failed.",
         );
+        let log_lines_dropped = plain(
+            "sheepdog_log_lines_dropped_total",
+            "Log lines dropped because the log's writer thread fell behind (the request path never waits for it).",
+        );
         let client_requests = counter(
             "sheepdog_client_requests_total",
             "Client requests by the HTTP status the client got (499: it went away first).",
@@ -297,6 +312,7 @@ impl Metrics {
             probes,
             log_written,
             log_dropped,
+            log_lines_dropped,
             client_requests,
             connections_open,
             connections_rejected,
@@ -394,6 +410,10 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        let dropped = LOG_LINES_DROPPED.get().map_or(0, |f| f());
+        if let Some(more) = dropped.checked_sub(self.log_lines_dropped.get()).filter(|&n| n > 0) {
+            self.log_lines_dropped.inc_by(more);
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

@@ -38,6 +38,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("sheepdog_request_log_queue_capacity", "gauge"),
     ("sheepdog_request_log_written_total", "counter"),
     ("sheepdog_request_log_dropped_total", "counter"),
+    ("sheepdog_log_lines_dropped_total", "counter"),
     ("sheepdog_config_reloads_total", "counter"),
     ("sheepdog_config_last_reload_successful", "gauge"),
     ("sheepdog_connections_open", "gauge"),
@@ -335,4 +336,41 @@ async fn json_logs_one_line_per_request_and_one_per_state_change() {
         "every degradation logged once, and its end once"
     );
     assert!(!gw.stderr().contains("sk-never-logged"));
+}
+
+/// The access line is never written on the request path: with the gateway's stderr a pipe nobody reads (a
+/// stuck log collector), the pipe fills after a few hundred lines and the requests go on being answered.
+/// Written on the request path, the line would block a worker in `write(2)` and, once every worker was
+/// blocked, every request.
+#[tokio::test]
+async fn a_stuck_log_reader_does_not_stall_requests() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let up = mock("up", "m", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sheepdog.toml");
+    std::fs::write(&path, quiet_config(&[("a", up.addr, "models = [\"m\"]")], &model("m", ""), "")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped()) // never read
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+    let addr = banner.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+    // ~250 bytes an access line: 2,000 of them are 500 KB, eight times what a pipe holds.
+    let work = async {
+        for i in 0..2000 {
+            let r = post(&format!("http://{addr}/v1/chat/completions"), &chat("m")).await;
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        }
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(120), work).await;
+    let metrics = tokio::time::timeout(Duration::from_secs(10), get(&format!("http://{addr}/metrics"))).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answered.is_ok(), "requests stalled behind a full stderr pipe");
+    assert!(metrics.is_ok_and(|m| m.text().contains("sheepdog_log_lines_dropped_total 0")));
 }
