@@ -344,33 +344,21 @@ async fn json_logs_one_line_per_request_and_one_per_state_change() {
 /// blocked, every request.
 #[tokio::test]
 async fn a_stuck_log_reader_does_not_stall_requests() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let up = mock("up", "m", &[]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sheepdog.toml");
     std::fs::write(&path, quiet_config(&[("a", up.addr, "models = [\"m\"]")], &model("m", ""), "")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped()) // never read
-        .spawn()
-        .unwrap();
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
-    let addr = banner.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+    let args = ["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+    let gw = Proc::spawn_stderr_unread(&args, "sheepdog listening on ");
     // ~250 bytes an access line: 2,000 of them are 500 KB, eight times what a pipe holds.
     let work = async {
         for i in 0..2000 {
-            let r = post(&format!("http://{addr}/v1/chat/completions"), &chat("m")).await;
+            let r = post(&gw.url("/v1/chat/completions"), &chat("m")).await;
             assert_eq!(r.status, 200, "request {i}: {}", r.text());
         }
     };
     let answered = tokio::time::timeout(Duration::from_secs(120), work).await;
-    let metrics = tokio::time::timeout(Duration::from_secs(10), get(&format!("http://{addr}/metrics"))).await;
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(answered.is_ok(), "requests stalled behind a full stderr pipe");
+    let metrics = tokio::time::timeout(Duration::from_secs(10), get(&gw.url("/metrics"))).await;
     assert!(metrics.is_ok_and(|m| m.text().contains("sheepdog_log_lines_dropped_total 0")));
 }

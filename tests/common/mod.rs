@@ -15,11 +15,13 @@ use hyper_util::rt::TokioExecutor;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sheepdog");
 
-/// A child process killed on drop, with its stderr collected.
+/// A child process killed on drop, with its stderr collected (or, for [`Proc::spawn_stderr_unread`], held open
+/// and never read).
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
+    unread_stderr: Option<std::process::ChildStderr>,
 }
 
 impl Proc {
@@ -30,6 +32,22 @@ impl Proc {
 
     /// Like [`Proc::spawn`], in working directory `cwd`.
     pub fn spawn_in(cwd: Option<&std::path::Path>, args: &[&str], envs: &[(&str, &str)], marker: &str) -> Proc {
+        Self::start(cwd, args, envs, marker, true)
+    }
+
+    /// Like [`Proc::spawn`], with its stderr a pipe that nobody reads (a stuck log collector): once the pipe's
+    /// buffer is full, every write to it blocks.
+    pub fn spawn_stderr_unread(args: &[&str], marker: &str) -> Proc {
+        Self::start(None, args, &[], marker, false)
+    }
+
+    fn start(
+        cwd: Option<&std::path::Path>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        marker: &str,
+        read_stderr: bool,
+    ) -> Proc {
         let mut cmd = Command::new(BIN);
         if let Some(d) = cwd {
             cmd.current_dir(d);
@@ -41,16 +59,21 @@ impl Proc {
         let mut child = cmd.spawn().expect("spawn sheepdog");
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match err.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n])),
+        let mut unread_stderr = None;
+        if read_stderr {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match err.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n])),
+                    }
                 }
-            }
-        });
+            });
+        } else {
+            unread_stderr = Some(err);
+        }
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let marker = marker.to_string();
@@ -75,7 +98,7 @@ impl Proc {
                 panic!("{args:?} did not start; stderr:\n{}", stderr.lock().unwrap());
             }
         };
-        Proc { child, addr, stderr }
+        Proc { child, addr, stderr, unread_stderr }
     }
 
     pub fn url(&self, path: &str) -> String {
