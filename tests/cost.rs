@@ -112,6 +112,58 @@ async fn costs_follow_the_pricing_table_the_cache_and_the_relay_multiplier() {
     let relay_only = get(&gw.url("/api/stats?since=1h&model=gpt-4.1-relay")).await.json();
     assert_eq!(relay_only["total"]["requests"], 2);
     assert_eq!(get(&gw.url("/api/stats?since=soon")).await.status, 400);
+
+    // `sheepdog report --project-tokens`: what 12 M tokens a month would cost, from the config's prices and
+    // multipliers and the log's mix (4 M prompt : 0.8 M completion, 80 % of the prompt cached).
+    let charts = gw.dir.path().join("charts");
+    let cfg_path = gw.path();
+    let out = std::process::Command::new(BIN)
+        .args(["report", "--config", cfg_path.to_str().unwrap(), "--project-tokens", "12M", "--format", "json"])
+        .args(["--sla-ms", "1500", "--charts", charts.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &r["projection"];
+    assert_eq!((p["prompt_tokens"].as_u64(), p["completion_tokens"].as_u64()), (Some(10_000_000), Some(2_000_000)));
+    assert_eq!(p["cached_prompt_tokens"], 8_000_000);
+    // List price: 2 M uncached × $2 + 8 M cached × $0.50 + 2 M out × $8 = $24 on either model; the relay
+    // bills 15 % of it: $3.60. At the window's own cost per token: $5.52 / 4.8 M × 12 M = $13.80.
+    let models: Vec<f64> = p["models"].as_array().unwrap().iter().map(|m| m["cost_usd"].as_f64().unwrap()).collect();
+    assert_eq!(models, vec![24.0, 24.0], "{p}");
+    let eps: Vec<(&str, f64)> = p["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["endpoint"].as_str().unwrap(), e["cost_usd"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(eps, vec![("relay", 3.6), ("list", 24.0)], "{p}");
+    assert!((p["at_current_mix_usd"].as_f64().unwrap() - 13.8).abs() < 1e-9, "{p}");
+    assert_eq!((r["sla_ms"].as_f64(), r["total"]["over_sla"].as_u64()), (Some(1500.0), Some(0)));
+    for f in ["cost.svg", "latency.svg", "success.svg", "requests.svg"] {
+        let svg = std::fs::read_to_string(charts.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f}");
+    }
+    assert!(std::fs::read_to_string(charts.join("latency.svg")).unwrap().contains("SLA 1500 ms"));
+    // Each model's share of the $5.52: $4.80 and $0.72.
+    let cost = std::fs::read_to_string(charts.join("cost.svg")).unwrap();
+    assert!(cost.contains("$4.80 · 87.0 %") && cost.contains("$0.7200 · 13.0 %"), "{cost}");
+
+    // Without prices there is nothing to project from: a clear error, exit 2.
+    let db = gw.dir.path().join("sheepdog.db");
+    let out = std::process::Command::new(BIN)
+        .current_dir(gw.dir.path().join("charts"))
+        .args(["report", "--db", db.to_str().unwrap(), "--project-tokens", "10M"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--project-tokens needs the pricing table"));
+    let out = std::process::Command::new(BIN)
+        .args(["report", "--db", db.to_str().unwrap(), "--project-tokens", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a token count"), "{out:?}");
 }
 
 /// A stream as OpenAI sends it: with `include_usage`, `"usage":null` on every chunk and a usage chunk last.

@@ -150,7 +150,7 @@ async fn every_answer_is_logged_and_nothing_is_lost_on_graceful_shutdown() {
     let charts = gw.dir.path().join("charts");
     let table = report(&["--charts", charts.to_str().unwrap()]);
     assert!(table.contains("6 requests: 3 ok, 3 client errors, 0 failed; 1 failovers"), "{table}");
-    for f in ["requests.svg", "latency.svg", "cost.svg"] {
+    for f in ["requests.svg", "latency.svg", "cost.svg", "success.svg", "latency_over_time.svg"] {
         let svg = std::fs::read_to_string(charts.join(f)).unwrap();
         assert!(svg.starts_with("<svg"), "{f}: {svg}");
     }

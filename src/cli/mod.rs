@@ -79,7 +79,8 @@ struct DrillArgs {
 
 #[derive(Args, Debug)]
 struct ReportArgs {
-    /// The gateway's config: its `[log]` is the default for `--db` (default: ./sheepdog.toml if it exists).
+    /// The gateway's config: its `[log]` is the default for `--db`, its pricing table prices
+    /// `--project-tokens` (default: ./sheepdog.toml if it exists).
     #[arg(long)]
     config: Option<PathBuf>,
     /// The request log: a SQLite file or a postgres:// URL (default: the config's `[log]`, else sheepdog.db).
@@ -91,9 +92,17 @@ struct ReportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: crate::report::Format,
-    /// Also write SVG charts (requests.svg, latency.svg, cost.svg) into this directory.
+    /// Also write SVG charts into this directory: cost.svg (cost share by model), latency.svg (latency by model
+    /// against the SLA), success.svg (success rate by model), requests.svg and latency_over_time.svg.
     #[arg(long)]
     charts: Option<PathBuf>,
+    /// The latency a successful answer should stay under, ms: the SLA line of latency.svg and OVER_SLA.
+    #[arg(long, default_value_t = crate::report::DEFAULT_SLA_MS)]
+    sla_ms: f64,
+    /// Also say what this many tokens a month (e.g. 10M) would cost on each model and endpoint, from the
+    /// config's prices and multipliers and the input:output ratio seen in the log.
+    #[arg(long, value_parser = crate::report::projection::parse_tokens)]
+    project_tokens: Option<u64>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -221,21 +230,53 @@ pub fn main() -> ExitCode {
 }
 
 fn report(a: &ReportArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    };
     let since = match config::parse_duration(&a.since) {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("error: --since: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(format!("--since: {e}")),
     };
-    let db = match report_source(a) {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+    if !(a.sla_ms.is_finite() && a.sla_ms > 0.0) {
+        return fail(format!("--sla-ms: {} is not a latency in milliseconds above 0", a.sla_ms));
+    }
+    // The config is read only when something needs it: the log's location or the prices.
+    let cfg = if a.db.is_none() || a.project_tokens.is_some() {
+        match config::locate(a.config.as_deref()) {
+            Some(path) => match config::load_file(&path) {
+                Ok(c) => Some(c),
+                Err(e) => return fail(e.to_string()),
+            },
+            None if a.project_tokens.is_some() => {
+                return fail(
+                    "--project-tokens needs the pricing table: pass --config FILE or run where ./sheepdog.toml is"
+                        .into(),
+                )
+            }
+            None => None,
         }
+    } else {
+        None
     };
-    match crate::report::run(&db, since, a.format, a.charts.as_deref()) {
+    let db = match &a.db {
+        Some(db) => match crate::log::Source::parse(db) {
+            Ok(db) => db,
+            Err(e) => return fail(format!("--db: {e}")),
+        },
+        None => cfg.as_ref().map_or_else(
+            || crate::log::Source::Sqlite(PathBuf::from(config::DEFAULT_LOG_PATH)),
+            |c| crate::log::Source::of(&c.log),
+        ),
+    };
+    let options = crate::report::Options {
+        since,
+        format: a.format,
+        charts: a.charts.as_deref(),
+        sla_ms: a.sla_ms,
+        project: a.project_tokens.zip(cfg.as_ref()),
+    };
+    match crate::report::run(&db, &options) {
         Ok(text) => {
             use std::io::Write;
             let _ = std::io::stdout().lock().write_all(text.as_bytes());
@@ -245,18 +286,6 @@ fn report(a: &ReportArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// The log `sheepdog report` reads: `--db`, else the `[log]` of `--config` (or of ./sheepdog.toml), else
-/// `sheepdog.db`.
-fn report_source(a: &ReportArgs) -> Result<crate::log::Source, String> {
-    if let Some(db) = &a.db {
-        return crate::log::Source::parse(db).map_err(|e| format!("--db: {e}"));
-    }
-    match config::locate(a.config.as_deref()) {
-        Some(path) => config::load_file(&path).map(|c| crate::log::Source::of(&c.log)).map_err(|e| e.to_string()),
-        None => Ok(crate::log::Source::Sqlite(PathBuf::from(config::DEFAULT_LOG_PATH))),
     }
 }
 

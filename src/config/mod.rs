@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use sheepdog_policy::balance::Strategy;
+use sheepdog_policy::pricing::{Multiplier, Pricing, Rate};
 
 mod base_url;
 mod pg_url;
@@ -252,6 +253,26 @@ pub struct ModelConfig {
     pub static_fallback: Option<String>,
     /// Hedged requests: start a second attempt elsewhere when the first is this late.
     pub hedge_after: Option<HedgeAfter>,
+}
+
+impl ModelConfig {
+    /// The prices of this model as exact integers (validated at load: finite and non-negative).
+    pub fn pricing(&self) -> Pricing {
+        let rate = |usd: f64| Rate::from_usd_per_mtok(usd).unwrap_or_default();
+        let input = rate(self.input_usd_per_mtok);
+        Pricing {
+            input,
+            output: rate(self.output_usd_per_mtok),
+            cached_input: self.cached_input_usd_per_mtok.map_or(input, rate),
+        }
+    }
+}
+
+impl EndpointConfig {
+    /// What this endpoint bills relative to list price, as an exact integer (validated at load).
+    pub fn multiplier(&self) -> Multiplier {
+        Multiplier::from_factor(self.price_multiplier).unwrap_or_default()
+    }
 }
 
 impl Config {

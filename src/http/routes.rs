@@ -156,7 +156,7 @@ async fn api_stats(gw: &Gateway, query: &str) -> Response<Body> {
             rows.retain(|r| &r.model == m);
         }
         Ok::<_, crate::log::ReadError>(crate::report::api::stats(
-            &crate::report::aggregate(&rows, since_ms, now + 1),
+            &crate::report::aggregate(&rows, since_ms, now + 1, crate::report::DEFAULT_SLA_MS),
             budgets,
         ))
     })

@@ -1,5 +1,5 @@
 //! Small, dependency-free SVG charts for `sheepdog report`: stacked bars and lines over time buckets, and
-//! horizontal bars. Pure functions from numbers to SVG text; no I/O.
+//! horizontal rows of bars with a reference line (an SLA, a target). Pure functions from numbers to SVG text; no I/O.
 
 use std::fmt::Write as _;
 
@@ -165,36 +165,156 @@ pub fn lines(title: &str, labels: &[String], series: &[(&str, &str, &[Option<f64
     out
 }
 
-/// One horizontal bar per item, largest first, with its value printed.
-pub fn horizontal_bars(title: &str, items: &[(String, f64)]) -> String {
-    let mut items: Vec<&(String, f64)> = items.iter().collect();
-    items.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let row = 26.0;
-    let h = TOP + row * items.len().max(1) as f64 + 20.0;
+/// One row of a horizontal bar chart: a label, one or more bars (drawn one under the other, e.g. p50 / p95 /
+/// p99), and a note printed after the longest bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The row's name (a model).
+    pub label: String,
+    /// `(value, colour)` per bar.
+    pub bars: Vec<(f64, &'static str)>,
+    /// Text after the bars (the value, a share).
+    pub note: String,
+}
+
+/// A vertical reference line across every row (an SLA, a target).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    /// Where, in the axis' unit.
+    pub at: f64,
+    /// Its caption, printed at the top of the line.
+    pub label: String,
+}
+
+/// Horizontal bars, one row per item in the given order, on an x axis from 0 to `xmax` (rounded up to a round
+/// number, and to the marker) with 5 ticks formatted by `tick`. Each bar is a `rect` with `class="sN"` (N = its
+/// index in the row); the marker is a dashed `line` with `class="marker"`.
+pub fn rows(
+    title: &str,
+    subtitle: &str,
+    items: &[Row],
+    xmax: f64,
+    tick: fn(f64) -> String,
+    marker: Option<&Marker>,
+    legend: &[(&str, &str)],
+) -> String {
+    let per_row = items.iter().map(|r| r.bars.len()).max().unwrap_or(1).max(1);
+    let bar_h = if per_row == 1 { 18.0 } else { 9.0 };
+    let row_h = bar_h * per_row as f64 + 10.0;
+    let top = TOP + 18.0;
+    let h = top + row_h * items.len().max(1) as f64 + 30.0;
     let label_w = 200.0;
-    let xmax = nice_max(items.iter().map(|i| i.1).fold(0.0, f64::max));
-    let mut out = String::with_capacity(1024 + items.len() * 200);
+    let plot_w = W - label_w - RIGHT - 170.0;
+    let xmax = nice_max(xmax.max(marker.map_or(0.0, |m| m.at)));
+    let x_of = |v: f64| label_w + plot_w * (v.max(0.0) / xmax).min(1.0);
+    let mut out = String::with_capacity(2048 + items.len() * 400);
     open_svg(&mut out, h, title);
-    let plot_w = W - label_w - RIGHT - 80.0;
-    for (i, (name, v)) in items.iter().enumerate() {
-        let y = TOP + row * i as f64;
-        let w = plot_w * v / xmax;
-        let label = if name.is_empty() { "(none)" } else { name.as_str() };
+    if !subtitle.is_empty() {
+        let _ = writeln!(out, "<text x=\"{LEFT}\" y=\"36\" fill=\"#555\">{}</text>", esc(subtitle));
+    }
+    let axis_y = h - 24.0;
+    for i in 0..=5 {
+        let v = xmax * i as f64 / 5.0;
+        let x = x_of(v);
         let _ = writeln!(
             out,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
-             <rect class=\"s0\" x=\"{label_w}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{BLUE}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
-            label_w - 8.0,
-            y + 15.0,
-            esc(label),
-            row - 8.0,
-            label_w + w + 6.0,
-            y + 15.0,
-            num(*v)
+            "<line x1=\"{x:.1}\" y1=\"{top:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/>\
+             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            axis_y - 6.0,
+            axis_y + 8.0,
+            esc(&tick(v))
         );
     }
+    for (i, row) in items.iter().enumerate() {
+        let y = top + row_h * i as f64 + 5.0;
+        let label = if row.label.is_empty() { "(none)" } else { row.label.as_str() };
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            label_w - 8.0,
+            y + (row_h - 10.0) / 2.0 + 4.0,
+            esc(label)
+        );
+        let mut right = label_w;
+        for (bi, (v, color)) in row.bars.iter().enumerate() {
+            let x2 = x_of(*v);
+            right = right.max(x2);
+            let _ = writeln!(
+                out,
+                "<rect class=\"s{bi}\" x=\"{label_w}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{color}\"/>",
+                y + bar_h * bi as f64,
+                x2 - label_w,
+                bar_h - 1.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            right + 6.0,
+            y + (row_h - 10.0) / 2.0 + 4.0,
+            esc(&row.note)
+        );
+    }
+    if let Some(m) = marker {
+        let x = x_of(m.at);
+        let _ = writeln!(
+            out,
+            "<line class=\"marker\" x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{RED}\" \
+             stroke-width=\"1.5\" stroke-dasharray=\"5,3\"/>\
+             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"{RED}\">{}</text>",
+            top - 4.0,
+            axis_y - 6.0,
+            top - 7.0,
+            esc(&m.label)
+        );
+    }
+    let mut x = W - RIGHT;
+    for (name, color) in legend.iter().rev() {
+        x -= 14.0 + 7.0 * name.len() as f64;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{x:.1}\" y=\"10\" width=\"10\" height=\"10\" fill=\"{color}\"/>\
+             <text x=\"{:.1}\" y=\"19\">{}</text>",
+            x + 13.0,
+            esc(name)
+        );
+        x -= 10.0;
+    }
     out.push_str("</svg>\n");
+    out
+}
+
+/// An axis number as [`num`] prints it.
+pub fn plain(v: f64) -> String {
+    num(v)
+}
+
+/// A share 0–1 as a percentage.
+pub fn percent(v: f64) -> String {
+    format!("{:.0} %", v * 100.0)
+}
+
+/// US dollars: thousands separated from $1,000, cents from $1, four decimals below.
+pub fn usd(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("${}", thousands(v.round() as u64))
+    } else if v.abs() >= 1.0 || v == 0.0 {
+        format!("${v:.2}")
+    } else {
+        format!("${v:.4}")
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
     out
 }
 
@@ -239,9 +359,54 @@ mod tests {
         assert_eq!(d.matches('L').count(), 1, "{d}");
     }
 
+    fn rects(svg: &str) -> Vec<(String, f64)> {
+        svg.lines()
+            .filter(|l| l.starts_with("<rect class=\"s"))
+            .filter_map(|l| {
+                let class = l.split("class=\"").nth(1)?.split('"').next()?.to_owned();
+                Some((class, l.split("width=\"").nth(1)?.split('"').next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
     #[test]
-    fn horizontal_bars_put_the_largest_first() {
-        let svg = horizontal_bars("cost", &[("small".into(), 1.0), ("big".into(), 3.0)]);
-        assert!(svg.find("big").unwrap() < svg.find("small").unwrap());
+    fn rows_scale_bars_to_the_axis_and_draw_the_marker_where_it_belongs() {
+        let items = vec![
+            Row { label: "a".into(), bars: vec![(500.0, BLUE), (1000.0, ORANGE)], note: "n1".into() },
+            Row { label: "<b>".into(), bars: vec![(250.0, BLUE), (3000.0, ORANGE)], note: "n2".into() },
+        ];
+        let m = Marker { at: 2000.0, label: "SLA 2000 ms".into() };
+        let svg = rows("t", "sub", &items, 3000.0, plain, Some(&m), &[("p50", BLUE), ("p99", ORANGE)]);
+        let r = rects(&svg);
+        assert_eq!(r.iter().filter(|(c, _)| c == "s0").count(), 2);
+        assert_eq!(r.iter().filter(|(c, _)| c == "s1").count(), 2);
+        // Axis to 5000 (3000 rounds up), plot 470 px wide: 500 -> 47 px, 3000 -> 282 px.
+        assert!((r[0].1 - 47.0).abs() < 0.2 && (r[3].1 - 282.0).abs() < 0.2, "{r:?}");
+        let marker = svg.lines().find(|l| l.starts_with("<line class=\"marker\"")).unwrap();
+        let x: f64 = marker.split("x1=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        assert!((x - (200.0 + 470.0 * 0.4)).abs() < 0.2, "{marker}");
+        assert!(svg.contains("SLA 2000 ms") && svg.contains("&lt;b&gt;") && svg.contains(">sub<"));
+    }
+
+    #[test]
+    fn the_axis_reaches_the_marker_and_bars_never_leave_the_plot() {
+        let items = vec![Row { label: "a".into(), bars: vec![(10.0, BLUE)], note: String::new() }];
+        let svg = rows("t", "", &items, 10.0, plain, Some(&Marker { at: 2000.0, label: "SLA".into() }), &[]);
+        assert!(svg.contains(">2000<"), "{svg}");
+        let over = vec![Row { label: "a".into(), bars: vec![(-1.0, BLUE), (f64::INFINITY, RED)], note: String::new() }];
+        let r = rects(&rows("t", "", &over, 1.0, percent, None, &[]));
+        assert!(r.iter().all(|(_, w)| (0.0..=470.0).contains(w)), "{r:?}");
+    }
+
+    #[test]
+    fn money_and_counts_read_like_a_finance_report() {
+        assert_eq!(usd(80_000.0), "$80,000");
+        assert_eq!(usd(4.2), "$4.20");
+        assert_eq!(usd(0.0028), "$0.0028");
+        assert_eq!(usd(0.0157), "$0.0157");
+        assert_eq!(usd(0.0), "$0.00");
+        assert_eq!(thousands(10_000_000), "10,000,000");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(percent(0.999), "100 %");
     }
 }

@@ -1,8 +1,11 @@
 //! `sheepdog report`: statistics from the request log over a window — totals, per requested model, per
-//! endpoint and served model, and a timeline — as a table, JSON or CSV, plus SVG charts (`chart`).
+//! endpoint and served model, per client, and a timeline — as a table, JSON or CSV; the four charts of a
+//! monthly cost review (`chart`: cost share, latency against the SLA and success rate by model, requests over
+//! time); and, with `--project-tokens`, what a month of tokens would cost on each model and endpoint
+//! (`projection`).
 //!
-//! [`aggregate`] is pure (entries and the time window in, numbers out); the command shell only reads the SQLite
-//! file and writes the output. Knows nothing of the gateway's live state.
+//! [`aggregate`] is pure (entries, the time window and the SLA in, numbers out); [`run`] only reads the log
+//! and writes the output. Knows nothing of the gateway's live state.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,6 +20,13 @@ use crate::log::Entry;
 
 pub mod api;
 pub mod chart;
+mod charts;
+pub mod projection;
+
+pub use charts::charts;
+
+/// The latency an answer should stay under unless `--sla-ms` says otherwise, ms.
+pub const DEFAULT_SLA_MS: f64 = 2000.0;
 
 /// What happened to the requests of one group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -47,8 +57,12 @@ pub struct Stats {
     pub ttft_p50_ms: Option<f64>,
     /// See `ttft_p50_ms`.
     pub ttft_p95_ms: Option<f64>,
+    /// Successful answers slower than the report's SLA.
+    pub over_sla: u64,
     /// Prompt tokens, as reported by the upstreams.
     pub prompt_tokens: u64,
+    /// Of the prompt tokens, those the upstreams served from their prompt cache.
+    pub cached_prompt_tokens: u64,
     /// Completion tokens, as reported by the upstreams.
     pub completion_tokens: u64,
     /// Cost from the pricing table, USD.
@@ -108,6 +122,8 @@ pub struct Report {
     pub until_ms: i64,
     /// Width of the timeline buckets, ms.
     pub bucket_ms: i64,
+    /// The latency successful answers are held against (`over_sla`), ms.
+    pub sla_ms: f64,
     /// All requests of the window.
     pub total: Stats,
     /// Per requested model, most requests first.
@@ -118,6 +134,9 @@ pub struct Report {
     pub clients: Vec<ClientRow>,
     /// Oldest bucket first; every bucket of the window, empty ones included.
     pub timeline: Vec<Bucket>,
+    /// What `--project-tokens` a month would cost (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projection: Option<projection::Projection>,
 }
 
 /// How a logged request ended.
@@ -171,13 +190,14 @@ impl Acc {
             s.fallbacks += 1;
         }
         s.prompt_tokens += e.prompt_tokens.unwrap_or(0);
+        s.cached_prompt_tokens += e.cached_tokens.unwrap_or(0);
         s.completion_tokens += e.completion_tokens.unwrap_or(0);
         s.estimated += u64::from(e.estimated);
         let cost = e.cost_nanos.map(Nanos).or(e.cost_usd.map(Nanos::from_usd)).unwrap_or_default();
         self.cost = self.cost.saturating_add(cost);
     }
 
-    fn finish(mut self) -> Stats {
+    fn finish(mut self, sla_ms: f64) -> Stats {
         sort_finite(&mut self.latencies);
         sort_finite(&mut self.ttfts);
         let mut s = self.s;
@@ -190,6 +210,7 @@ impl Acc {
         s.latency_p99_ms = percentile(&self.latencies, 0.99);
         s.ttft_p50_ms = percentile(&self.ttfts, 0.50);
         s.ttft_p95_ms = percentile(&self.ttfts, 0.95);
+        s.over_sla = self.latencies.iter().filter(|l| **l > sla_ms).count() as u64;
         s
     }
 }
@@ -204,8 +225,9 @@ pub fn bucket_ms(window_ms: i64) -> i64 {
     WIDTHS.iter().copied().find(|w| *w >= target).unwrap_or(86_400_000)
 }
 
-/// Aggregate `entries` (any order) of the window `[since_ms, until_ms)`; entries outside it are ignored.
-pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
+/// Aggregate `entries` (any order) of the window `[since_ms, until_ms)`, holding successful answers against
+/// `sla_ms`; entries outside the window are ignored.
+pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64, sla_ms: f64) -> Report {
     let until_ms = until_ms.max(since_ms + 1);
     let width = bucket_ms(until_ms - since_ms);
     let first = since_ms - since_ms.rem_euclid(width);
@@ -231,22 +253,33 @@ pub fn aggregate(entries: &[Entry], since_ms: i64, until_ms: i64) -> Report {
         }
     }
     let mut models: Vec<ModelRow> =
-        models.into_iter().map(|(m, a)| ModelRow { model: m.to_owned(), stats: a.finish() }).collect();
+        models.into_iter().map(|(m, a)| ModelRow { model: m.to_owned(), stats: a.finish(sla_ms) }).collect();
     models.sort_by_key(|m| std::cmp::Reverse(m.stats.requests));
     let mut endpoints: Vec<EndpointRow> = endpoints
         .into_iter()
-        .map(|((e, m), a)| EndpointRow { endpoint: e.to_owned(), model: m.to_owned(), stats: a.finish() })
+        .map(|((e, m), a)| EndpointRow { endpoint: e.to_owned(), model: m.to_owned(), stats: a.finish(sla_ms) })
         .collect();
     endpoints.sort_by_key(|e| std::cmp::Reverse(e.stats.requests));
     let mut clients: Vec<ClientRow> =
-        clients.into_iter().map(|(c, a)| ClientRow { client: c.to_owned(), stats: a.finish() }).collect();
+        clients.into_iter().map(|(c, a)| ClientRow { client: c.to_owned(), stats: a.finish(sla_ms) }).collect();
     clients.sort_by_key(|c| std::cmp::Reverse(c.stats.requests));
     let timeline = buckets
         .into_iter()
         .enumerate()
-        .map(|(i, a)| Bucket { start_ms: first + i as i64 * width, stats: a.finish() })
+        .map(|(i, a)| Bucket { start_ms: first + i as i64 * width, stats: a.finish(sla_ms) })
         .collect();
-    Report { since_ms, until_ms, bucket_ms: width, total: total.finish(), models, endpoints, clients, timeline }
+    Report {
+        since_ms,
+        until_ms,
+        bucket_ms: width,
+        sla_ms,
+        total: total.finish(sla_ms),
+        models,
+        endpoints,
+        clients,
+        timeline,
+        projection: None,
+    }
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -254,14 +287,16 @@ fn ms(v: Option<f64>) -> String {
 }
 
 fn stats_cells(s: &Stats) -> String {
+    let over = if s.ok == 0 { "-".to_owned() } else { format!("{:.2}%", s.over_sla as f64 * 100.0 / s.ok as f64) };
     format!(
-        "{:>9} {:>7.2}% {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11.4}",
+        "{:>9} {:>7.2}% {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>11.4}",
         s.requests,
         s.error_rate * 100.0,
         s.failovers,
         ms(s.latency_p50_ms),
         ms(s.latency_p95_ms),
         ms(s.latency_p99_ms),
+        over,
         ms(s.ttft_p50_ms),
         s.prompt_tokens,
         s.completion_tokens,
@@ -270,7 +305,8 @@ fn stats_cells(s: &Stats) -> String {
 }
 
 const STATS_HEAD: &str =
-    "  REQUESTS  ERRORS% FAILOVERS    P50_MS    P95_MS    P99_MS   TTFT_MS  PROMPT_TOK  COMPLET_TOK    COST_USD";
+    "  REQUESTS  ERRORS% FAILOVERS    P50_MS    P95_MS    P99_MS  OVER_SLA   TTFT_MS  PROMPT_TOK  \
+                          COMPLET_TOK    COST_USD";
 
 /// A fixed-width text table.
 pub fn table(r: &Report) -> String {
@@ -282,6 +318,11 @@ pub fn table(r: &Report) -> String {
         "{} requests: {} ok, {} client errors, {} failed; {} failovers, {} answered by a fallback model\n",
         r.total.requests, r.total.ok, r.total.client_errors, r.total.failed, r.total.failovers, r.total.fallbacks
     );
+    let _ = writeln!(
+        out,
+        "Latencies are of successful answers; OVER_SLA is the share of them slower than {} ms.\n",
+        r.sla_ms
+    );
     let _ = writeln!(out, "{:<34}{STATS_HEAD}", "MODEL");
     let _ = writeln!(out, "{:<34}{}", "(all)", stats_cells(&r.total));
     for m in &r.models {
@@ -292,7 +333,50 @@ pub fn table(r: &Report) -> String {
     for e in &r.endpoints {
         let _ = writeln!(out, "{:<34}{}", format!("{}/{}", e.endpoint, e.model), stats_cells(&e.stats));
     }
+    if let Some(p) = &r.projection {
+        projection_table(&mut out, p);
+    }
     out
+}
+
+fn projection_table(out: &mut String, p: &projection::Projection) {
+    use chart::{thousands, usd};
+    let source = match p.mix.source {
+        "log" => "the mix of this window",
+        _ => "no tokens in this window: an even split assumed",
+    };
+    let _ = writeln!(
+        out,
+        "\nWhat {} tokens a month would cost ({} prompt, {} of them cached, and {} completion: {source})",
+        thousands(p.tokens),
+        thousands(p.prompt_tokens),
+        thousands(p.cached_prompt_tokens),
+        thousands(p.completion_tokens)
+    );
+    let _ = writeln!(
+        out,
+        "{:<34}{:>10} {:>10} {:>10} {:>14}",
+        "MODEL (list price)", "INPUT/M", "CACHED/M", "OUTPUT/M", "MONTHLY_USD"
+    );
+    for m in &p.models {
+        let _ = writeln!(
+            out,
+            "{:<34}{:>10.4} {:>10.4} {:>10.4} {:>14}",
+            m.model,
+            m.input_usd_per_mtok,
+            m.cached_input_usd_per_mtok,
+            m.output_usd_per_mtok,
+            usd(m.cost_usd)
+        );
+    }
+    let _ = writeln!(out, "\n{:<34}{:>10} {:>36}", "ENDPOINT / MODEL", "MULTIPLIER", "MONTHLY_USD");
+    for e in &p.endpoints {
+        let name = format!("{}/{}", e.endpoint, e.model);
+        let _ = writeln!(out, "{name:<34}{:>10.4} {:>36}", e.price_multiplier, usd(e.cost_usd));
+    }
+    if let Some(v) = p.at_current_mix_usd {
+        let _ = writeln!(out, "\nAt this window's model mix and the prices actually paid: {} a month", usd(v));
+    }
 }
 
 fn ms_duration(ms: i64) -> std::time::Duration {
@@ -303,13 +387,14 @@ fn ms_duration(ms: i64) -> std::time::Duration {
 pub fn csv(r: &Report) -> String {
     let mut out = String::from(
         "scope,model,endpoint,requests,ok,client_errors,failed,error_rate,failovers,fallbacks,latency_p50_ms,\
-         latency_p95_ms,latency_p99_ms,ttft_p50_ms,ttft_p95_ms,prompt_tokens,completion_tokens,cost_usd\n",
+         latency_p95_ms,latency_p99_ms,ttft_p50_ms,ttft_p95_ms,prompt_tokens,completion_tokens,cost_usd,over_sla,\
+         cached_prompt_tokens\n",
     );
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_default();
     let mut row = |scope: &str, model: &str, endpoint: &str, s: &Stats| {
         let _ = writeln!(
             out,
-            "{scope},{},{},{},{},{},{},{:.6},{},{},{},{},{},{},{},{},{},{:.8}",
+            "{scope},{},{},{},{},{},{},{:.6},{},{},{},{},{},{},{},{},{},{:.8},{},{}",
             csv_field(model),
             csv_field(endpoint),
             s.requests,
@@ -326,7 +411,9 @@ pub fn csv(r: &Report) -> String {
             opt(s.ttft_p95_ms),
             s.prompt_tokens,
             s.completion_tokens,
-            s.cost_usd
+            s.cost_usd,
+            s.over_sla,
+            s.cached_prompt_tokens
         );
     };
     row("total", "", "", &r.total);
@@ -336,6 +423,26 @@ pub fn csv(r: &Report) -> String {
     for e in &r.endpoints {
         row("endpoint", &e.model, &e.endpoint, &e.stats);
     }
+    // A projection's rows: the projected tokens in the token columns, the monthly cost in cost_usd.
+    if let Some(p) = &r.projection {
+        let mut projected = |scope: &str, model: &str, endpoint: &str, cost: f64| {
+            let _ = writeln!(
+                out,
+                "{scope},{},{},,,,,,,,,,,,,{},{},{cost:.8},,{}",
+                csv_field(model),
+                csv_field(endpoint),
+                p.prompt_tokens,
+                p.completion_tokens,
+                p.cached_prompt_tokens
+            );
+        };
+        for m in &p.models {
+            projected("projection_model", &m.model, "", m.cost_usd);
+        }
+        for e in &p.endpoints {
+            projected("projection_endpoint", &e.model, &e.endpoint, e.cost_usd);
+        }
+    }
     out
 }
 
@@ -344,43 +451,6 @@ fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_owned()
-    }
-}
-
-/// The charts of a report, as (file name, SVG text).
-pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
-    let labels: Vec<String> = r.timeline.iter().map(|b| time_label(b.start_ms, r.bucket_ms)).collect();
-    let ok: Vec<f64> = r.timeline.iter().map(|b| b.stats.ok as f64).collect();
-    let failed: Vec<f64> = r.timeline.iter().map(|b| b.stats.failed as f64).collect();
-    let other: Vec<f64> = r.timeline.iter().map(|b| b.stats.client_errors as f64).collect();
-    let width = humantime::format_duration(ms_duration(r.bucket_ms)).to_string();
-    let requests = chart::stacked_bars(
-        &format!("Requests per {width}"),
-        &labels,
-        &[("ok", chart::GREEN, &ok), ("failed", chart::RED, &failed), ("client errors", chart::GREY, &other)],
-    );
-    let p50: Vec<Option<f64>> = r.timeline.iter().map(|b| b.stats.latency_p50_ms).collect();
-    let p95: Vec<Option<f64>> = r.timeline.iter().map(|b| b.stats.latency_p95_ms).collect();
-    let latency = chart::lines(
-        "Latency of successful answers (ms)",
-        &labels,
-        &[("p50", chart::BLUE, &p50), ("p95", chart::ORANGE, &p95)],
-    );
-    let by_model: Vec<(String, f64)> = r.models.iter().map(|m| (m.model.clone(), m.stats.cost_usd)).collect();
-    let cost = chart::horizontal_bars("Cost per requested model (USD)", &by_model);
-    vec![("requests.svg", requests), ("latency.svg", latency), ("cost.svg", cost)]
-}
-
-/// `HH:MM` (UTC) for buckets under a day, `MM-DD` for day buckets.
-fn time_label(start_ms: i64, bucket_ms: i64) -> String {
-    let t = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(start_ms)).to_string();
-    // 2026-11-22T08:15:00Z
-    if bucket_ms >= 86_400_000 {
-        t[5..10].to_owned()
-    } else if bucket_ms < 60_000 {
-        t[11..19].to_owned()
-    } else {
-        t[11..16].to_owned()
     }
 }
 
@@ -406,15 +476,25 @@ pub enum ReportError {
     Write(String, std::io::Error),
 }
 
+/// What `sheepdog report` was asked for, beyond where the log is.
+#[derive(Debug, Clone)]
+pub struct Options<'a> {
+    /// The window: requests that arrived this long ago or later.
+    pub since: std::time::Duration,
+    /// Table, JSON or CSV.
+    pub format: Format,
+    /// Write the charts into this directory.
+    pub charts: Option<&'a Path>,
+    /// The latency successful answers are held against, ms.
+    pub sla_ms: f64,
+    /// Project this many tokens a month on the pricing table of this config.
+    pub project: Option<(u64, &'a crate::config::Config)>,
+}
+
 /// Read the log at `db`, aggregate the window ending now, and render it; charts go to `charts` if given.
-pub fn run(
-    db: &crate::log::Source,
-    since: std::time::Duration,
-    format: Format,
-    charts_dir: Option<&Path>,
-) -> Result<String, ReportError> {
+pub fn run(db: &crate::log::Source, o: &Options<'_>) -> Result<String, ReportError> {
     let now_ms = crate::clock::unix_ms();
-    let since_ms = now_ms - since.as_millis() as i64;
+    let since_ms = now_ms - o.since.as_millis() as i64;
     let read_err = |e| ReportError::Read(db.to_string(), e);
     if let crate::log::Source::Sqlite(path) = db {
         if !path.exists() {
@@ -422,15 +502,18 @@ pub fn run(
         }
     }
     let entries = db.read_since(since_ms).map_err(read_err)?;
-    let report = aggregate(&entries, since_ms, now_ms + 1);
-    if let Some(dir) = charts_dir {
+    let mut report = aggregate(&entries, since_ms, now_ms + 1, o.sla_ms);
+    if let Some((tokens, config)) = o.project {
+        report.projection = Some(projection::project(&report, config, tokens));
+    }
+    if let Some(dir) = o.charts {
         std::fs::create_dir_all(dir).map_err(|e| ReportError::Write(dir.display().to_string(), e))?;
         for (name, svg) in charts(&report) {
             let path = dir.join(name);
             std::fs::write(&path, svg).map_err(|e| ReportError::Write(path.display().to_string(), e))?;
         }
     }
-    Ok(match format {
+    Ok(match o.format {
         Format::Table => table(&report),
         Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
         Format::Csv => csv(&report),
@@ -475,7 +558,7 @@ mod tests {
 
     #[test]
     fn totals_split_ok_client_errors_and_failures() {
-        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
         let t = &r.total;
         assert_eq!(t.requests, 106);
         assert_eq!((t.ok, t.client_errors, t.failed), (102, 2, 2));
@@ -494,7 +577,7 @@ mod tests {
 
     #[test]
     fn groups_by_requested_model_and_by_endpoint_and_served_model() {
-        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
         assert_eq!(r.models[0].model, "gpt-4.1");
         assert_eq!(r.models[0].stats.requests, 105);
         assert_eq!(r.models[1].model, "nope");
@@ -505,7 +588,7 @@ mod tests {
 
     #[test]
     fn the_timeline_covers_the_window_with_empty_buckets() {
-        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
         assert_eq!(r.bucket_ms, 5_000);
         assert_eq!(r.timeline.len(), 24);
         assert_eq!(r.timeline.iter().map(|b| b.stats.requests).sum::<u64>(), 106);
@@ -525,7 +608,7 @@ mod tests {
 
     #[test]
     fn formats_carry_the_same_numbers() {
-        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
         let c = csv(&r);
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines.len(), 1 + 1 + 2 + 3);
@@ -543,24 +626,85 @@ mod tests {
 
     #[test]
     fn charts_are_svg_with_one_bar_group_per_bucket() {
-        let r = aggregate(&sample(), T0, T0 + 120_000);
+        let r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
         let c = charts(&r);
         let names: Vec<&str> = c.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, vec!["requests.svg", "latency.svg", "cost.svg"]);
+        assert_eq!(names, vec!["cost.svg", "latency.svg", "success.svg", "requests.svg", "latency_over_time.svg"]);
         for (_, svg) in &c {
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
         }
-        assert!(c[0].1.contains("Requests per 5s"));
+        assert!(c[3].1.contains("Requests per 5s"));
         // 20 non-empty buckets carry an `ok` bar.
-        assert_eq!(c[0].1.matches("class=\"s0\"").count(), 20, "{}", c[0].1);
+        assert_eq!(c[3].1.matches("class=\"s0\"").count(), 20, "{}", c[3].1);
+    }
+
+    #[test]
+    fn answers_slower_than_the_sla_are_counted_per_group_and_drawn_against_its_line() {
+        // Successful answers of 1..=100 ms plus 7, 8: 60 of them are slower than 42.5 ms.
+        let r = aggregate(&sample(), T0, T0 + 120_000, 42.5);
+        assert_eq!((r.sla_ms, r.total.over_sla, r.models[0].stats.over_sla), (42.5, 58, 58));
+        assert!(table(&r).contains("slower than 42.5 ms"));
+        let latency = &charts(&r)[1].1;
+        assert!(latency.contains("SLA 42.5 ms") && latency.contains("class=\"marker\""), "{latency}");
+        // One row (gpt-4.1; "nope" never answered) with p50, p95, p99 bars.
+        assert_eq!(latency.matches("<rect class=\"s2\"").count(), 1, "{latency}");
+        assert!(latency.contains("56.9 % over"), "{latency}");
+    }
+
+    #[test]
+    fn success_and_cost_share_charts_name_each_model_with_its_figures() {
+        let mut v = sample();
+        v.push(Entry { cost_usd: Some(0.294), ..e(1_000, "claude", Some("b"), 200, 5.0) });
+        let r = aggregate(&v, T0, T0 + 120_000, DEFAULT_SLA_MS);
+        let c = charts(&r);
+        // $0.105 of gpt-4.1 (105 rows), $0.001 of "nope" and $0.294 of claude: 73.5 % for claude, drawn first.
+        let cost = &c[0].1;
+        assert!(cost.contains("$0.2940 · 73.5 %") && cost.contains("$0.1050 · 26."), "{cost}");
+        assert!(cost.contains("$0.4000 in total"), "{cost}");
+        assert!(cost.find(">claude<").unwrap() < cost.find(">gpt-4.1<").unwrap());
+        // gpt-4.1: 102 answered, 2 failed (client errors left out) -> 98.08 %, drawn red against 99.9 %.
+        let success = &c[2].1;
+        assert!(success.contains("98.08 % of 104"), "{success}");
+        assert!(success.contains(&format!("fill=\"{}\"", chart::RED)) && success.contains(">99.9 %<"));
+        assert!(!success.contains(">nope<"), "a model with only client errors has no success rate: {success}");
+    }
+
+    #[test]
+    fn a_projection_is_in_every_format() {
+        let cfg = crate::config::parse(
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodels = [\"gpt-4.1\"]\n\
+             [[models]]\nname = \"gpt-4.1\"\ninput_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\n",
+            "t.toml",
+            &crate::config::ProcessEnv,
+        )
+        .unwrap();
+        let mut r = aggregate(&sample(), T0, T0 + 120_000, DEFAULT_SLA_MS);
+        // 1,060 prompt and 2,120 completion tokens: 1 to 2.
+        r.projection = Some(projection::project(&r, &cfg, 3_000_000));
+        let c = csv(&r);
+        let head = c.lines().next().unwrap().split(',').count();
+        let rows: Vec<&str> = c.lines().filter(|l| l.starts_with("projection")).collect();
+        assert_eq!(rows.len(), 2, "{c}");
+        assert!(rows.iter().all(|l| l.split(',').count() == head), "{c}");
+        // 1 M in × $2 + 2 M out × $8 = $18.
+        assert!(rows[0].starts_with("projection_model,gpt-4.1,,") && rows[0].contains(",1000000,2000000,18.00000000,"));
+        assert!(rows[1].starts_with("projection_endpoint,gpt-4.1,a,"), "{c}");
+        let t = table(&r);
+        assert!(t.contains("What 3,000,000 tokens a month would cost (1,000,000 prompt"), "{t}");
+        assert!(t.contains("$18.00"), "{t}");
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["projection"]["models"][0]["cost_usd"], 18.0);
+        assert_eq!(j["projection"]["mix"]["source"], "log");
+        r.projection = None;
+        assert!(serde_json::to_value(&r).unwrap().get("projection").is_none());
     }
 
     #[test]
     fn an_empty_log_gives_zeros_not_errors() {
-        let r = aggregate(&[], T0, T0 + 3_600_000);
+        let r = aggregate(&[], T0, T0 + 3_600_000, DEFAULT_SLA_MS);
         assert_eq!(r.total, Stats::default());
         assert!(r.models.is_empty());
         assert_eq!(r.timeline.len(), 60);
-        assert_eq!(charts(&r).len(), 3);
+        assert_eq!(charts(&r).len(), 5);
     }
 }

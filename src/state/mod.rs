@@ -20,7 +20,7 @@ use bytes::Bytes;
 use sheepdog_policy::balance::{Balancer, Candidate, Strategy, Tier};
 use sheepdog_policy::breaker::BreakerConfig;
 use sheepdog_policy::history::StatusPolicy;
-use sheepdog_policy::pricing::{Multiplier, Pricing, Rate};
+use sheepdog_policy::pricing::{Multiplier, Pricing};
 use tokio::sync::Notify;
 
 pub use budgets::Budget;
@@ -146,17 +146,6 @@ fn header_value(s: &str) -> http::HeaderValue {
     http::HeaderValue::from_str(s).unwrap_or_else(|_| http::HeaderValue::from_static(""))
 }
 
-/// The prices of a configured model (validated: finite and non-negative).
-pub fn pricing(m: &ModelConfig) -> Pricing {
-    let rate = |usd: f64| Rate::from_usd_per_mtok(usd).unwrap_or_default();
-    let input = rate(m.input_usd_per_mtok);
-    Pricing {
-        input,
-        output: rate(m.output_usd_per_mtok),
-        cached_input: m.cached_input_usd_per_mtok.map_or(input, rate),
-    }
-}
-
 /// Live state that outlives snapshots and the in-memory upstreams tests put in place of URLs.
 pub struct Shared<'a> {
     /// Metric families.
@@ -243,7 +232,7 @@ impl Runtime {
                 transport,
                 keys,
                 enabled,
-                price_multiplier: Multiplier::from_factor(e.price_multiplier).unwrap_or_default(),
+                price_multiplier: e.multiplier(),
                 pairs,
                 stream_usage: AtomicBool::new(prev.is_some_and(|p| p.stream_usage.load(Ordering::Relaxed))),
             }));
@@ -263,7 +252,7 @@ impl Runtime {
                 .collect();
             let model = Model {
                 cfg: m.clone(),
-                pricing: pricing(m),
+                pricing: m.pricing(),
                 balancer: Balancer::new(m.strategy, members.len()),
                 members,
                 name: Arc::from(m.name.as_str()),
