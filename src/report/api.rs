@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{Report, Stats};
+use super::{rfc3339, Report, Stats};
 
 /// Latency figures, ms.
 #[derive(Debug, Serialize)]
@@ -110,11 +110,6 @@ pub struct ApiStats {
     clients: Vec<ClientFigures>,
     /// Per budget, now (not over the window).
     budgets: Vec<BudgetState>,
-}
-
-fn rfc3339(ms: i64) -> String {
-    let d = std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + d).to_string()
 }
 
 /// The document for a report, with the budgets' state now.

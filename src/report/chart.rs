@@ -35,7 +35,8 @@ pub fn nice_max(max: f64) -> f64 {
     [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * p).find(|v| *v >= max * (1.0 - 1e-12)).unwrap_or(10.0 * p)
 }
 
-fn num(v: f64) -> String {
+/// An axis number: no decimals from 10, one from 1, three below.
+pub fn num(v: f64) -> String {
     if v == 0.0 {
         "0".to_owned()
     } else if v.abs() >= 10.0 {
@@ -83,6 +84,11 @@ fn frame(out: &mut String, title: &str, labels: &[String], ymax: f64, legend: &[
         let _ =
             writeln!(out, "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", H - BOTTOM + 16.0, esc(l));
     }
+    draw_legend(out, legend);
+}
+
+/// The legend, `(name, colour)` per series, right-aligned in the title line.
+fn draw_legend(out: &mut String, legend: &[(&str, &str)]) {
     let mut x = W - RIGHT;
     for (name, color) in legend.iter().rev() {
         x -= 14.0 + 7.0 * name.len() as f64;
@@ -268,25 +274,9 @@ pub fn rows(
             esc(&m.label)
         );
     }
-    let mut x = W - RIGHT;
-    for (name, color) in legend.iter().rev() {
-        x -= 14.0 + 7.0 * name.len() as f64;
-        let _ = writeln!(
-            out,
-            "<rect x=\"{x:.1}\" y=\"10\" width=\"10\" height=\"10\" fill=\"{color}\"/>\
-             <text x=\"{:.1}\" y=\"19\">{}</text>",
-            x + 13.0,
-            esc(name)
-        );
-        x -= 10.0;
-    }
+    draw_legend(&mut out, legend);
     out.push_str("</svg>\n");
     out
-}
-
-/// An axis number as [`num`] prints it.
-pub fn plain(v: f64) -> String {
-    num(v)
 }
 
 /// A share 0–1 as a percentage.
@@ -376,7 +366,7 @@ mod tests {
             Row { label: "<b>".into(), bars: vec![(250.0, BLUE), (3000.0, ORANGE)], note: "n2".into() },
         ];
         let m = Marker { at: 2000.0, label: "SLA 2000 ms".into() };
-        let svg = rows("t", "sub", &items, 3000.0, plain, Some(&m), &[("p50", BLUE), ("p99", ORANGE)]);
+        let svg = rows("t", "sub", &items, 3000.0, num, Some(&m), &[("p50", BLUE), ("p99", ORANGE)]);
         let r = rects(&svg);
         assert_eq!(r.iter().filter(|(c, _)| c == "s0").count(), 2);
         assert_eq!(r.iter().filter(|(c, _)| c == "s1").count(), 2);
@@ -391,7 +381,7 @@ mod tests {
     #[test]
     fn the_axis_reaches_the_marker_and_bars_never_leave_the_plot() {
         let items = vec![Row { label: "a".into(), bars: vec![(10.0, BLUE)], note: String::new() }];
-        let svg = rows("t", "", &items, 10.0, plain, Some(&Marker { at: 2000.0, label: "SLA".into() }), &[]);
+        let svg = rows("t", "", &items, 10.0, num, Some(&Marker { at: 2000.0, label: "SLA".into() }), &[]);
         assert!(svg.contains(">2000<"), "{svg}");
         let over = vec![Row { label: "a".into(), bars: vec![(-1.0, BLUE), (f64::INFINITY, RED)], note: String::new() }];
         let r = rects(&rows("t", "", &over, 1.0, percent, None, &[]));

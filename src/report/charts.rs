@@ -2,15 +2,15 @@
 //! SLA and success rate by model, requests over time) and latency over time. Pure: a [`Report`] in, SVG text
 //! out, drawn with the primitives of [`chart`](super::chart).
 
-use super::{chart, ms_duration, ModelRow, Report};
+use super::{chart, ms_duration, rfc3339, ModelRow, Report};
 
 /// The charts of a report, as (file name, SVG text): the four of a monthly cost review — `cost.svg` (cost share
 /// by model), `latency.svg` (p50 / p95 / p99 by model against the SLA line), `success.svg` (success rate by
 /// model against 99.9 %), `requests.svg` (requests over time) — and `latency_over_time.svg`.
 pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
-    use chart::{percent, plain, thousands, usd, Marker, Row};
+    use chart::{num, percent, thousands, usd, Marker, Row};
     let span = |ms: i64| {
-        let t = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(ms)).to_string();
+        let t = rfc3339(ms);
         format!("{} {}", &t[..10], &t[11..16])
     };
     let window = format!("{} to {} UTC", span(r.since_ms), span(r.until_ms));
@@ -82,7 +82,7 @@ pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
         &format!("successful answers, arrival to last byte; {window}"),
         &lat_rows,
         lat_rows.iter().flat_map(|r| r.bars.iter().map(|b| b.0)).fold(0.0, f64::max),
-        plain,
+        num,
         Some(&sla),
         &[("p50", chart::BLUE), ("p95", chart::ORANGE), ("p99", chart::RED)],
     );
@@ -129,7 +129,7 @@ pub fn charts(r: &Report) -> Vec<(&'static str, String)> {
 
 /// `HH:MM` (UTC) for buckets under a day, `MM-DD` for day buckets.
 fn time_label(start_ms: i64, bucket_ms: i64) -> String {
-    let t = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(start_ms)).to_string();
+    let t = rfc3339(start_ms);
     // 2026-11-22T08:15:00Z
     if bucket_ms >= 86_400_000 {
         t[5..10].to_owned()

@@ -311,8 +311,7 @@ const STATS_HEAD: &str =
 /// A fixed-width text table.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
-    let span = |ms: i64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(ms)).to_string();
-    let _ = writeln!(out, "sheepdog report: {} to {}", span(r.since_ms), span(r.until_ms));
+    let _ = writeln!(out, "sheepdog report: {} to {}", rfc3339(r.since_ms), rfc3339(r.until_ms));
     let _ = writeln!(
         out,
         "{} requests: {} ok, {} client errors, {} failed; {} failovers, {} answered by a fallback model\n",
@@ -381,6 +380,11 @@ fn projection_table(out: &mut String, p: &projection::Projection) {
 
 fn ms_duration(ms: i64) -> std::time::Duration {
     std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
+/// Unix ms as `2026-11-22T08:15:00Z`.
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + ms_duration(ms)).to_string()
 }
 
 /// CSV: one row for the total, one per model, one per endpoint and served model.

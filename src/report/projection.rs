@@ -117,11 +117,12 @@ pub fn project(r: &Report, config: &Config, tokens: u64) -> Projection {
     for e in &config.endpoints {
         for (public, _) in &e.models {
             let Some(m) = chat(public) else { continue };
-            let n = cost(&m.pricing(), &t, e.multiplier());
+            let multiplier = e.multiplier();
+            let n = cost(&m.pricing(), &t, multiplier);
             let row = EndpointCost {
                 endpoint: e.name.clone(),
                 model: public.clone(),
-                price_multiplier: e.multiplier().factor(),
+                price_multiplier: multiplier.factor(),
                 cost_usd: n.usd(),
             };
             endpoints.push((n, row));
